@@ -1,0 +1,92 @@
+"""Which weight entries SaRA trains: pure functions over tensors.
+
+The rule is the paper's: an entry is selected when |w| < threshold, strictly, with both sides in
+fp32 and w taken as loaded (before any half-precision cast, which would flip entries near the
+threshold). A budget or density is turned into one global threshold by an exact radix select over
+the fp32 bit patterns, layer by layer, so it never holds more than one layer's |w| at a time
+(`torch.quantile` refuses inputs above 16M elements and sorting 860M floats needs gigabytes).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+_HIGH_BINS = 1 << 15  # |w| is non-negative: its int32 bit pattern has the sign bit clear
+_LOW_BINS = 1 << 16
+
+
+def canonical_abs(weight: torch.Tensor) -> torch.Tensor:
+    """|w| flattened in fp32: the one representation every selection is computed from."""
+    return weight.detach().reshape(-1).to(torch.float32).abs()
+
+
+def fp32(value: float) -> float:
+    """Round a Python float to the nearest fp32, the precision thresholds are compared in."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+def select_below(weight: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Sorted int32 flat indices of the entries with |w| < threshold (strict, fp32)."""
+    below = canonical_abs(weight) < fp32(threshold)
+    return below.nonzero().reshape(-1).to(torch.int32)
+
+
+def count_below(weights: Iterable[torch.Tensor], threshold: float) -> int:
+    limit = fp32(threshold)
+    return int(sum(int((canonical_abs(w) < limit).sum()) for w in weights))
+
+
+def _abs_bits(weight: torch.Tensor) -> torch.Tensor:
+    return canonical_abs(weight).view(torch.int32)
+
+
+def kth_smallest_abs(weights: Sequence[torch.Tensor], k: int) -> float:
+    """The k-th smallest |w| (0-based) over all tensors, exactly, in two histogram passes."""
+    total = sum(w.numel() for w in weights)
+    if not 0 <= k < total:
+        raise ValueError(f"k={k} is outside 0..{total - 1}")
+    high = torch.zeros(_HIGH_BINS, dtype=torch.int64)
+    for w in weights:
+        high += torch.bincount((_abs_bits(w) >> 16).to(torch.int64), minlength=_HIGH_BINS)[:_HIGH_BINS]
+    cumulative = high.cumsum(0)
+    high_bin = int(torch.searchsorted(cumulative, torch.tensor(k), right=True))
+    rank_in_bin = k - (int(cumulative[high_bin - 1]) if high_bin > 0 else 0)
+    low = torch.zeros(_LOW_BINS, dtype=torch.int64)
+    for w in weights:
+        bits = _abs_bits(w)
+        in_bin = bits[(bits >> 16) == high_bin]
+        low += torch.bincount((in_bin & 0xFFFF).to(torch.int64), minlength=_LOW_BINS)
+    low_bin = int(torch.searchsorted(low.cumsum(0), torch.tensor(rank_in_bin), right=True))
+    bits = torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32)
+    return bits.view(torch.float32).item()
+
+
+def threshold_for_count(weights: Sequence[torch.Tensor], count: int) -> float:
+    """The fp32 threshold t for which |w| < t selects `count` entries (fewer only on exact ties).
+
+    t is the (count+1)-th smallest |w|, so every entry strictly below it is one of the `count`
+    smallest. Asking for every entry gives the next float above the largest |w|.
+    """
+    total = sum(w.numel() for w in weights)
+    if count <= 0:
+        raise ValueError("a budget must select at least one parameter")
+    if count >= total:
+        largest = max(float(canonical_abs(w).max()) for w in weights)
+        return torch.nextafter(torch.tensor(largest), torch.tensor(float("inf"))).item()
+    return kth_smallest_abs(weights, count)
+
+
+def suggest_threshold(weights: Sequence[torch.Tensor], fraction: float = 0.01) -> float:
+    """A threshold that would select about `fraction` of the entries (for error messages)."""
+    total = sum(w.numel() for w in weights)
+    return threshold_for_count(weights, max(1, int(total * fraction)))
+
+
+def block_of(module_path: str) -> str:
+    """Group a module path into its block for logs: 'down_blocks.1', 'input_blocks.4', 'conv_in'."""
+    parts = module_path.split(".")
+    for position, part in enumerate(parts[:3]):
+        if part.isdigit():
+            return ".".join(parts[: position + 1])
+    return parts[0]

@@ -1,0 +1,178 @@
+"""The sparse-delta Linear / Conv2d functions against a dense masked reference."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sara_network.ops import conv_padding, sparse_delta_conv2d, sparse_delta_linear
+
+
+def random_support(numel, density, seed):
+    generator = torch.Generator().manual_seed(seed)
+    count = max(1, int(numel * density))
+    return torch.randperm(numel, generator=generator)[:count].sort().values.to(torch.int32)
+
+
+def dense_reference_weight(weight, values, indices, multiplier):
+    """W + m * scatter(values): plain autograd, the independent reference."""
+    flat = torch.zeros(weight.numel(), dtype=torch.float32).index_put((indices.long(),), values)
+    return weight.float() + multiplier * flat.view(weight.shape)
+
+
+def make_leaf(*shape, seed, scale=1.0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator) * scale).to(dtype).requires_grad_(True)
+
+
+@pytest.mark.parametrize("in_features,out_features,bias,multiplier",
+                         [(7, 5, True, 1.0), (16, 3, False, 0.5), (33, 40, True, -1.3)])
+def test_linear_matches_dense_reference_fp32(in_features, out_features, bias, multiplier):
+    weight = torch.randn(out_features, in_features)
+    indices = random_support(weight.numel(), 0.2, 0)
+    values = make_leaf(indices.numel(), seed=1)
+    x = make_leaf(2, 3, in_features, seed=2)
+    b = make_leaf(out_features, seed=3) if bias else None
+
+    out = sparse_delta_linear(x, weight, b, values, indices, multiplier)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, values] + ([b] if bias else []), grad)
+
+    ref_values = values.detach().clone().requires_grad_(True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_b = b.detach().clone().requires_grad_(True) if bias else None
+    ref = F.linear(ref_x, dense_reference_weight(weight, ref_values, indices, multiplier), ref_b)
+    expected = torch.autograd.grad(ref, [ref_x, ref_values] + ([ref_b] if bias else []), grad)
+
+    torch.testing.assert_close(out, ref)
+    for actual, wanted in zip(got, expected):
+        torch.testing.assert_close(actual, wanted)
+
+
+CONV_CASES = [
+    # in, out, kernel, stride, padding, dilation, groups
+    (4, 6, 3, 1, 1, 1, 1),
+    (4, 6, 3, 2, 1, 1, 2),
+    (6, 6, 3, 1, 2, 2, 3),
+    (3, 5, 1, 1, 0, 1, 1),
+    (4, 4, (3, 1), (2, 1), (1, 0), 1, 4),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_matches_dense_reference_fp32(case, bias):
+    cin, cout, kernel, stride, padding, dilation, groups = case
+    kernel = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    weight = torch.randn(cout, cin // groups, *kernel)
+    indices = random_support(weight.numel(), 0.3, 4)
+    values = make_leaf(indices.numel(), seed=5)
+    x = make_leaf(2, cin, 9, 8, seed=6)
+    b = make_leaf(cout, seed=7) if bias else None
+
+    out = sparse_delta_conv2d(x, weight, b, values, indices, 0.8, stride, padding, dilation, groups)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, values] + ([b] if bias else []), grad)
+
+    ref_values = values.detach().clone().requires_grad_(True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_b = b.detach().clone().requires_grad_(True) if bias else None
+    ref = F.conv2d(ref_x, dense_reference_weight(weight, ref_values, indices, 0.8), ref_b,
+                   stride, padding, dilation, groups)
+    expected = torch.autograd.grad(ref, [ref_x, ref_values] + ([ref_b] if bias else []), grad)
+    torch.testing.assert_close(out, ref)
+    for actual, wanted in zip(got, expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding,mode", [("same", "zeros"), ("valid", "zeros"), (1, "reflect"), (1, "circular")])
+def test_conv_padding_modes_match_module(padding, mode):
+    conv = torch.nn.Conv2d(3, 4, (3, 2), padding=padding, padding_mode=mode)
+    x = torch.randn(1, 3, 7, 6)
+    padded, int_padding = conv_padding(conv, x)
+    indices = random_support(conv.weight.numel(), 0.5, 8)
+    values = torch.zeros(indices.numel())
+    out = sparse_delta_conv2d(padded, conv.weight, conv.bias, values, indices, 1.0, conv.stride, int_padding,
+                              conv.dilation, conv.groups)
+    torch.testing.assert_close(out, conv(x))
+
+
+@pytest.mark.parametrize("autocast_dtype,base_dtype", list(itertools.product(
+    [torch.bfloat16, torch.float16], [torch.float32, torch.float16, torch.bfloat16])))
+def test_mixed_precision_within_tolerance(autocast_dtype, base_dtype):
+    """Under autocast the layer computes in the autocast dtype, like a frozen layer would."""
+    weight32 = torch.randn(24, 20) * 0.05
+    weight = weight32.to(base_dtype)
+    indices = random_support(weight.numel(), 0.25, 9)
+    values = make_leaf(indices.numel(), seed=10, scale=0.01)
+    x = make_leaf(4, 20, seed=11)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        out = sparse_delta_linear(x, weight, None, values, indices, 1.0)
+    assert out.dtype == autocast_dtype
+    out.float().square().sum().backward()
+    assert values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+    ref_values = values.detach().clone().requires_grad_(True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = F.linear(ref_x, dense_reference_weight(weight, ref_values, indices, 1.0))
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(values.grad, ref_values.grad, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_fp8_base_weight_under_autocast():
+    weight = (torch.randn(16, 12) * 0.1).to(torch.float8_e4m3fn)
+    indices = random_support(weight.numel(), 0.3, 12)
+    values = make_leaf(indices.numel(), seed=13, scale=0.01)
+    x = make_leaf(3, 12, seed=14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse_delta_linear(x, weight, None, values, indices, 1.0)
+    out.float().sum().backward()
+    ref_values = values.detach().clone().requires_grad_(True)
+    ref = F.linear(x.detach(), dense_reference_weight(weight.float(), ref_values, indices, 1.0))
+    ref.sum().backward()
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(values.grad, ref_values.grad, rtol=3e-2, atol=3e-2)
+
+
+def test_frozen_entries_use_frozen_values_and_get_no_gradient():
+    weight = torch.randn(6, 5)
+    indices = random_support(weight.numel(), 0.5, 15)
+    values = make_leaf(indices.numel(), seed=16)
+    frozen_positions = torch.tensor([0, 3], dtype=torch.int32)
+    frozen_values = torch.tensor([0.25, -0.5])
+    x = torch.randn(4, 5)
+    out = sparse_delta_linear(x, weight, None, values, indices, 1.0, frozen_positions, frozen_values)
+    out.sum().backward()
+    pinned = values.detach().clone()
+    pinned[[0, 3]] = frozen_values
+    torch.testing.assert_close(out, F.linear(x, dense_reference_weight(weight, pinned, indices, 1.0)))
+    assert values.grad[[0, 3]].abs().sum() == 0
+    assert values.grad.abs().sum() > 0
+
+
+def test_no_weight_sized_tensor_is_saved_per_layer():
+    """Only the base weight itself (by reference) may be weight-sized among saved tensors."""
+    layers = [torch.nn.Linear(64, 64) for _ in range(3)] + [torch.nn.Conv2d(8, 8, 3, padding=1)]
+    supports = [random_support(layer.weight.numel(), 0.1, 20 + i) for i, layer in enumerate(layers)]
+    deltas = [torch.zeros(s.numel(), requires_grad=True) for s in supports]
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = torch.randn(2, 64, requires_grad=True)
+        for layer, support, delta in zip(layers[:3], supports, deltas):
+            h = torch.relu(sparse_delta_linear(h, layer.weight, layer.bias, delta, support))
+        image = h.view(2, 8, 8, 1).expand(2, 8, 8, 4).contiguous()
+        out = sparse_delta_conv2d(image, layers[3].weight, layers[3].bias, deltas[3], supports[3], padding=1)
+    weight_ptrs = {layer.weight.data_ptr() for layer in layers}
+    for tensor in saved:
+        for layer in layers:
+            if tensor.numel() == layer.weight.numel() and tensor.dim() == layer.weight.dim():
+                assert tensor.data_ptr() in weight_ptrs, "a weight-sized copy was kept for backward"
+    out.sum().backward()
+    assert all(d.grad is not None and d.grad.abs().sum() > 0 for d in deltas)
