@@ -35,3 +35,16 @@ def component_of(name: str) -> str:
         return "unet"
     head = name.split("_text_model_")[0] if "_text_model_" in name else "_".join(name.split("_")[:2])
     return head
+
+
+def canonical_root(root: object) -> str:
+    """Path prefix that makes module paths version-independent.
+
+    transformers 5 dropped the `text_model` wrapper of CLIPTextModel (4.x and
+    CLIPTextModelWithProjection keep it); kohya, LyCORIS and every UI name these layers
+    `..._text_model_encoder_layers_N_...`, so a flattened CLIP text model gets `text_model.` back.
+    """
+    children = dict(root.named_children()) if hasattr(root, "named_children") else {}
+    if "text_model" not in children and "encoder" in children and "embeddings" in children:
+        return "text_model."
+    return ""

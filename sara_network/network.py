@@ -22,7 +22,7 @@ from torch import nn
 
 from . import fileformat, selection
 from .fileformat import ModuleDelta, SaraFileError
-from .naming import UNET_PREFIX, kohya_name
+from .naming import UNET_PREFIX, canonical_root, kohya_name
 from .ops import conv_padding, effective_values, sparse_delta_conv2d, sparse_delta_linear
 from .options import SaraConfig
 from .presets import TargetRules, load_preset
@@ -40,17 +40,22 @@ class Target:
     """A Linear / Conv2d of a host model that SaRA may patch."""
 
     name: str  # kohya name
-    path: str  # dotted path inside its root model
+    path: str  # canonical dotted path inside its root model
     module: nn.Module
     component: str  # "unet" or a text-encoder prefix such as "lora_te1"
 
 
 def find_targets(root: nn.Module, prefix: str, rules: TargetRules) -> list[Target]:
-    """Every Linear / Conv2d (subclasses included) under `root` whose path matches `rules`."""
+    """Every Linear / Conv2d (subclasses included) under `root` whose path matches `rules`.
+
+    Paths are canonical (see naming.canonical_root), so names and preset patterns do not depend
+    on the transformers version."""
     component = "unet" if prefix == UNET_PREFIX else prefix
+    root_path = canonical_root(root)
     targets = []
     for path, module in root.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and path and rules.matches(path):
+        path = root_path + path
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and path != root_path and rules.matches(path):
             targets.append(Target(kohya_name(prefix, path), path, module, component))
     return targets
 

@@ -86,7 +86,7 @@ def suggest_threshold(weights: Sequence[torch.Tensor], fraction: float = 0.01) -
 def block_of(module_path: str) -> str:
     """Group a module path into its block for logs: 'down_blocks.1', 'input_blocks.4', 'conv_in'."""
     parts = module_path.split(".")
-    for position, part in enumerate(parts[:3]):
+    for position, part in enumerate(parts[:4]):
         if part.isdigit():
             return ".".join(parts[: position + 1])
     return parts[0]

@@ -1,0 +1,238 @@
+"""Tiny models built from configs (random weights, fixed seeds) for the tests.
+
+- `tiny_sd1()`: diffusers UNet2DConditionModel + one CLIPTextModel: SD1.x layout and diffusers
+  module names, as kohya's own SD1 U-Net uses.
+- `tiny_sdxl()`: a small U-Net with the original (LDM / SAI) module names kohya's SDXL U-Net uses
+  (`input_blocks.N.M...`, `middle_block`, `output_blocks`, `time_embed`, `label_emb`, `out`), and two
+  text encoders (CLIPTextModel, CLIPTextModelWithProjection), as kohya's SDXL trainer hands over.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+CROSS_DIM = 32
+
+
+def tiny_text_encoder(seed: int, with_projection: bool = False, hidden: int = CROSS_DIM):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=99, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=16, projection_dim=hidden)
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    return model.eval()
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM, attention_head_dim=8, norm_num_groups=8)
+
+
+def tiny_sd1(seed: int = 0):
+    return types.SimpleNamespace(unet=tiny_unet(seed), text_encoders=[tiny_text_encoder(seed + 1)], kind="sd1")
+
+
+# ---------------------------------------------------------------------------------------------
+# An SDXL-style U-Net with LDM module names (small, written for the tests).
+class ResBlock(nn.Module):
+    def __init__(self, channels, out_channels, emb_dim):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.out_layers = nn.Sequential(nn.GroupNorm(8, out_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, context_dim, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        b, n, d = x.shape
+        q, k, v = (t.view(b, -1, self.heads, d // self.heads).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        return self.to_out(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim, inner):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim, context_dim):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim)
+        self.attn2 = Attention(dim, context_dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels, context_dim):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, context_dim)])
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return x + self.proj_out(tokens).transpose(1, 2).view(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _run(layers, h, emb, context):
+    for layer in layers:
+        if isinstance(layer, ResBlock):
+            h = layer(h, emb)
+        elif isinstance(layer, SpatialTransformer):
+            h = layer(h, context)
+        else:
+            h = layer(h)
+    return h
+
+
+class TinyLDMUNet(nn.Module):
+    """Two levels (32, 64 channels), attention at the second level and in the middle, like SDXL's
+    layout in miniature; `y` is the pooled-text + size vector of SDXL (`label_emb`)."""
+
+    def __init__(self, in_channels=4, channels=(32, 64), context_dim=CROSS_DIM, adm_dim=48):
+        super().__init__()
+        c0, c1 = channels
+        emb = 4 * c0
+        self.model_channels = c0
+        self.time_embed = nn.Sequential(nn.Linear(c0, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_dim, emb), nn.SiLU(), nn.Linear(emb, emb)))
+        self.input_blocks = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(in_channels, c0, 3, padding=1)),
+            nn.Sequential(ResBlock(c0, c0, emb)),
+            nn.Sequential(Downsample(c0)),
+            nn.Sequential(ResBlock(c0, c1, emb), SpatialTransformer(c1, context_dim)),
+        ])
+        self.middle_block = nn.Sequential(ResBlock(c1, c1, emb), SpatialTransformer(c1, context_dim), ResBlock(c1, c1, emb))
+        self.output_blocks = nn.ModuleList([
+            nn.Sequential(ResBlock(2 * c1, c1, emb), SpatialTransformer(c1, context_dim)),
+            nn.Sequential(ResBlock(c1 + c0, c1, emb), SpatialTransformer(c1, context_dim), Upsample(c1)),
+            nn.Sequential(ResBlock(c1 + c0, c0, emb)),
+            nn.Sequential(ResBlock(2 * c0, c0, emb)),
+        ])
+        self.out = nn.Sequential(nn.GroupNorm(8, c0), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, padding=1))
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self):
+        self.gradient_checkpointing = True
+
+    def _block(self, layers, h, emb, context):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(_run, layers, h, emb, context, use_reentrant=False)
+        return _run(layers, h, emb, context)
+
+    def forward(self, x, timesteps, context, y):
+        half = self.model_channels // 2
+        freqs = torch.exp(-torch.arange(half, dtype=torch.float32) * (9.21 / half))
+        args = timesteps.float()[:, None] * freqs[None]
+        t_emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
+        emb = self.time_embed(t_emb) + self.label_emb(y)
+        skips, h = [], x
+        for block in self.input_blocks:
+            h = self._block(block, h, emb, context)
+            skips.append(h)
+        h = self._block(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)
+
+
+def tiny_sdxl(seed: int = 0):
+    torch.manual_seed(seed)
+    unet = TinyLDMUNet()
+    encoders = [tiny_text_encoder(seed + 1), tiny_text_encoder(seed + 2, with_projection=True, hidden=CROSS_DIM)]
+    return types.SimpleNamespace(unet=unet, text_encoders=encoders, kind="sdxl")
+
+
+# ---------------------------------------------------------------------------------------------
+def batch(kind: str, seed: int, size: int = 2):
+    """A fixed (latents, timesteps, token ids, target noise) batch for a denoising step."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(size, 4, 8, 8, generator=generator)
+    timesteps = torch.randint(0, 1000, (size,), generator=generator)
+    ids = torch.randint(0, 99, (size, 16), generator=generator)
+    target = torch.randn(size, 4, 8, 8, generator=generator)
+    return latents, timesteps, ids, target
+
+
+def predict(models, latents, timesteps, ids):
+    """The U-Net prediction with text conditioning from the model's text encoder(s)."""
+    if models.kind == "sd1":
+        context = models.text_encoders[0](ids).last_hidden_state
+        return models.unet(latents, timesteps, context).sample
+    hidden = models.text_encoders[0](ids).last_hidden_state
+    second = models.text_encoders[1](ids)
+    y = torch.cat([second.text_embeds, torch.zeros(latents.shape[0], 16, dtype=second.text_embeds.dtype)], dim=-1)
+    return models.unet(latents, timesteps, hidden + second.last_hidden_state, y)
+
+
+def denoising_loss(models, seed: int, size: int = 2) -> torch.Tensor:
+    latents, timesteps, ids, target = batch(models.kind, seed, size)
+    return F.mse_loss(predict(models, latents, timesteps, ids).float(), target)
