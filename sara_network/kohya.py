@@ -17,7 +17,7 @@ import torch
 from . import fileformat
 from .network import SaraNetwork, all_targets, collect_targets
 from .naming import text_encoder_prefixes
-from .options import SaraConfig, SaraOptionError, auto_lr, parse_network_args
+from .options import SaraConfig, SaraOptionError, parse_network_args
 
 logger = logging.getLogger("sara_network")
 
@@ -97,7 +97,7 @@ class SaraKohyaNetwork(SaraNetwork):
         text_encoders, unet = self._models
         targets = all_targets(unet, text_encoders, text_encoder_prefixes(text_encoders) if text_encoders else [])
         self.adopt_deltas(targets, deltas, file)
-        self._adopt_file_settings(metadata)
+        self.adopt_file_settings(metadata)
         self._applied = True
         matches = self.check_base_hash(metadata.get("sara_base_hash"), file)
         info = (f"loaded {len(deltas)} SaRA modules, {sum(d.indices.numel() for d in deltas):,d} deltas from {file}"
@@ -105,31 +105,13 @@ class SaraKohyaNetwork(SaraNetwork):
         logger.info(info)
         return info
 
-    def _adopt_file_settings(self, metadata: dict) -> None:
-        import json
-
-        self.source_metadata = dict(metadata)
-        try:
-            thresholds = json.loads(metadata.get("sara_thresholds", "{}"))
-        except json.JSONDecodeError:
-            thresholds = {}
-        self.thresholds.update({k: float(v) for k, v in thresholds.items()})
-
     # --- optimizer ----------------------------------------------------------------------------
-    def _component_lr(self, component: str, given: Optional[float]) -> Optional[float]:
-        if self.config.lr == "auto":
-            threshold = self.thresholds.get(component, self.config.threshold)
-            return auto_lr(threshold)
-        if isinstance(self.config.lr, float):
-            return self.config.lr
-        return given
-
     def _groups(self, te_lrs: dict[str, Optional[float]], unet_lr: Optional[float], default_lr: Optional[float]):
         groups, descriptions = [], []
         self._optimized = []
         for component in self.components():
             given = unet_lr if component == "unet" else te_lrs.get(component)
-            lr = self._component_lr(component, given if given is not None else default_lr)
+            lr = self.component_lr(component, given if given is not None else default_lr)
             params = self.trainable_parameters(component)
             if lr == 0:
                 for param in params:
@@ -228,5 +210,5 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae, tex
     config = parse_network_args(kwargs)
     network = SaraKohyaNetwork(config, multiplier, _as_list(text_encoder), unet)
     network._pending_deltas = deltas
-    network._adopt_file_settings(metadata)
+    network.adopt_file_settings(metadata)
     return network, tensors

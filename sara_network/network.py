@@ -23,8 +23,8 @@ from torch import nn
 from . import fileformat, selection
 from .fileformat import ModuleDelta, SaraFileError
 from .naming import UNET_PREFIX, canonical_root, kohya_name
-from .ops import conv_padding, effective_values, sparse_delta_conv2d, sparse_delta_linear
-from .options import SaraConfig
+from .ops import compute_dtype, conv_padding, effective_values, sparse_delta_conv2d, sparse_delta_linear
+from .options import SaraConfig, auto_lr
 from .presets import TargetRules, load_preset
 from .regularizers import rank_penalty_grad
 
@@ -73,6 +73,7 @@ class SaraModule(nn.Module):
         self.weight_shape = tuple(base.weight.shape)
         self._base = [base]  # a plain list: the base module must not become our child
         self._original_forward = None
+        self._stacked = False  # the replaced forward is another patch (a second network): add to it
         self.multiplier = 1.0
         device = base.weight.device
         indices = indices.to(device=device, dtype=torch.int32)
@@ -99,14 +100,32 @@ class SaraModule(nn.Module):
 
     # --- patching -----------------------------------------------------------------------------
     def patch(self) -> None:
+        """Replace the layer's forward. Patching over another patch (a second network on the same
+        layer) stacks: this module then adds its delta's contribution to the previous forward."""
         if self._original_forward is None:
-            self._original_forward = self.base.forward
+            self._set_original(self.base.forward)
             self.base.forward = self.forward
 
+    def _set_original(self, forward) -> None:
+        self._original_forward = forward
+        self._stacked = getattr(forward, "__func__", None) is not type(self.base).forward
+
     def unpatch(self) -> None:
-        if self._original_forward is not None:
+        """Restore the previous forward; a module in the middle of a stack is spliced out of it."""
+        if self._original_forward is None:
+            return
+        wrapper = _patch_owner(self.base.forward)
+        if wrapper is self or wrapper is None:
             self.base.forward = self._original_forward
-            self._original_forward = None
+        else:
+            while wrapper is not None and _patch_owner(wrapper._original_forward) is not self:
+                wrapper = _patch_owner(wrapper._original_forward)
+            if wrapper is None:
+                raise RuntimeError(f"{self.sara_name}: the layer's forward was replaced by something else "
+                                   "after SaRA patched it; remove that patch first")
+            wrapper._set_original(self._original_forward)
+        self._original_forward = None
+        self._stacked = False
 
     def pinned_delta(self) -> torch.Tensor:
         """Deltas as the forward uses them: frozen entries at their frozen values."""
@@ -124,6 +143,8 @@ class SaraModule(nn.Module):
         multiplier = self.multiplier
         if multiplier == 0.0:
             return self._original_forward(x, *args, **kwargs)
+        if self._stacked:
+            return self._original_forward(x, *args, **kwargs) + self.delta_output(x, multiplier)
         base = self.base
         bias = self.effective_bias(multiplier)
         if self.kind == "linear":
@@ -132,6 +153,22 @@ class SaraModule(nn.Module):
         x, padding = conv_padding(base, x)
         return sparse_delta_conv2d(x, base.weight, bias, self.delta, self.indices, multiplier, base.stride,
                                    padding, base.dilation, base.groups, self.frozen_positions, self.frozen_values)
+
+    def delta_output(self, x, multiplier: float):
+        """The layer applied with only m * delta as its weight (and m * bias delta as its bias)."""
+        dtype = compute_dtype(x)
+        flat = torch.zeros(math.prod(self.weight_shape), dtype=torch.float32, device=self.delta.device)
+        flat = flat.index_put((self.indices.long(),), self.pinned_delta().to(torch.float32))
+        weight = (multiplier * flat).view(self.weight_shape).to(dtype)
+        bias = None
+        if self.bias_delta is not None:
+            bias = torch.zeros(self.weight_shape[0], dtype=torch.float32, device=self.delta.device)
+            bias = (multiplier * bias.index_put((self.bias_indices.long(),), self.bias_delta.to(torch.float32))).to(dtype)
+        if self.kind == "linear":
+            return torch.nn.functional.linear(x.to(dtype), weight, bias)
+        base = self.base
+        x, padding = conv_padding(base, x)
+        return torch.nn.functional.conv2d(x.to(dtype), weight, bias, base.stride, padding, base.dilation, base.groups)
 
     # --- state --------------------------------------------------------------------------------
     def frozen_mask(self) -> torch.Tensor:
@@ -169,6 +206,12 @@ class SaraModule(nn.Module):
             if saved is not None and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=self.indices.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _patch_owner(forward) -> Optional["SaraModule"]:
+    """The SaraModule whose forward `forward` is, or None."""
+    owner = getattr(forward, "__self__", None)
+    return owner if isinstance(owner, SaraModule) and getattr(forward, "__func__", None) is SaraModule.forward else None
 
 
 class SaraNetwork(nn.Module):
@@ -347,6 +390,23 @@ class SaraNetwork(nn.Module):
         merged = dict(metadata or {})
         merged.update(self.file_metadata())
         fileformat.save_native(path, self.deltas(), dtype, merged)
+
+    def adopt_file_settings(self, metadata: dict) -> None:
+        """Keep a loaded file's metadata and take over its per-component thresholds."""
+        self.source_metadata = dict(metadata)
+        try:
+            thresholds = json.loads(metadata.get("sara_thresholds", "{}"))
+        except json.JSONDecodeError:
+            thresholds = {}
+        self.thresholds.update({k: float(v) for k, v in thresholds.items()})
+
+    def component_lr(self, component: str, given: Optional[float]) -> Optional[float]:
+        """The learning rate of a component: the `lr` option ('auto' or a number) over the host's."""
+        if self.config.lr == "auto":
+            return auto_lr(self.thresholds.get(component, self.config.threshold))
+        if isinstance(self.config.lr, float):
+            return self.config.lr
+        return given
 
     def check_base_hash(self, file_hash: Optional[str], source: str) -> bool:
         if file_hash and self.base_hash and file_hash != self.base_hash:
