@@ -1,0 +1,414 @@
+"""The kohya `--network_module sara_network` contract, played on tiny SD1 and SDXL (LDM) models."""
+import copy
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+
+import models
+import sara_network
+from kohya_driver import delta_snapshot, freeze_and_cast, make_network, make_optimizer, text_encoder_arg, train_steps
+from sara_network.fileformat import SaraFileError, load_native, read_tensors
+from sara_network.network import SaraSelectionError
+from sara_network.options import SaraOptionError
+
+KINDS = {"sd1": models.tiny_sd1, "sdxl": models.tiny_sdxl}
+ARGS = {"density": "0.05", "progressive_iter": "off"}
+
+
+def eval_loss(m):
+    with torch.no_grad():
+        return float(models.denoising_loss(m, 0))
+
+
+def outputs(m):
+    with torch.no_grad():
+        latents, timesteps, ids, _ = models.batch(m.kind, 3)
+        return models.predict(m, latents, timesteps, ids)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+@pytest.mark.parametrize("optimizer_kind", ["adamw", "adamw8bit"])
+def test_training_lowers_the_loss(kind, optimizer_kind):
+    m = KINDS[kind]()
+    network = make_network(m, ARGS)
+    optimizer = make_optimizer(network, optimizer_kind, multi_te_lr=(optimizer_kind == "adamw"))
+    freeze_and_cast(m, network)
+    before = eval_loss(m)
+    train_steps(m, network, optimizer, 8)
+    after = eval_loss(m)
+    assert after < before - 0.01, (before, after)
+    names = [name for name, _ in network.named_children()]
+    prefix = ["lora_unet_", "lora_te_"] if kind == "sd1" else ["lora_unet_", "lora_te1_", "lora_te2_"]
+    assert all(any(name.startswith(p) for p in prefix) for name in names)
+    assert any(name.startswith(prefix[-1]) for name in names)
+    if kind == "sd1":
+        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in names
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in names
+    else:
+        assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k" in names
+        assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in names
+
+
+def test_optimizer_param_forms_and_learning_rates():
+    m = models.tiny_sdxl()
+    network = make_network(m, {"density": "0.05", "lr": "auto", "threshold": "1e-3"})
+    groups, descriptions = network.prepare_optimizer_params_with_multiple_te_lrs([1e-4, 2e-4], 3e-4, 1e-3)
+    assert descriptions == ["unet", "textencoder 1", "textencoder 2"]
+    threshold = network.thresholds["unet"]
+    assert groups[0]["lr"] == pytest.approx(1e-3 * torch.exp(torch.tensor(-350 * threshold)).item())
+    plain = make_network(models.tiny_sdxl(), ARGS)
+    groups, descriptions = plain.prepare_optimizer_params_with_multiple_te_lrs([1e-4, 2e-4], 3e-4, 1e-3)
+    assert [g["lr"] for g in groups] == [3e-4, 1e-4, 2e-4]
+    groups, _ = plain.prepare_optimizer_params(5e-5, None, 1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, 5e-5, 5e-5]
+    groups, descriptions = plain.prepare_optimizer_params(0.0, 1e-3, 1e-3)  # TE lr 0: not trained
+    assert descriptions == ["unet"]
+    assert all(not p.requires_grad for p in plain.trainable_parameters("lora_te1"))
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_checkpointing_and_accumulation_match_plain_training(kind):
+    results = []
+    for checkpointing, accumulation in [(False, 1), (True, 1), (False, 2)]:
+        m = KINDS[kind]()
+        network = make_network(m, ARGS)
+        if checkpointing:
+            m.unet.enable_gradient_checkpointing()
+            network.enable_gradient_checkpointing()
+        optimizer = make_optimizer(network, "sgd")
+        freeze_and_cast(m, network)
+        m.unet.train()
+        train_steps(m, network, optimizer, 3, accumulation=accumulation)
+        results.append(delta_snapshot(network))
+    for other in results[1:]:
+        for name, value in results[0].items():
+            torch.testing.assert_close(other[name], value, rtol=1e-4, atol=1e-7)
+
+
+def test_multiplier_zero_is_base_and_merge_equals_patched(tmp_path):
+    m = models.tiny_sd1()
+    base = outputs(m)
+    network = make_network(m, ARGS)
+    optimizer = make_optimizer(network)
+    freeze_and_cast(m, network)
+    train_steps(m, network, optimizer, 3)
+    patched = outputs(m)
+    assert (patched - base).abs().max() > 1e-4
+    network.set_multiplier(0.0)
+    torch.testing.assert_close(outputs(m), base)
+    network.set_multiplier(1.0)
+    path = str(tmp_path / "sara.safetensors")
+    network.save_weights(path, torch.float32, {"ss_network_module": "sara_network"})
+
+    fresh = models.tiny_sd1()
+    merged_net, weights_sd = sara_network.create_network_from_weights(1.0, path, None, fresh.text_encoders[0],
+                                                                       fresh.unet, for_inference=True)
+    assert merged_net.is_mergeable()
+    merged_net.merge_to(fresh.text_encoders[0], fresh.unet, weights_sd, torch.float32, "cpu")
+    torch.testing.assert_close(outputs(fresh), patched, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("save_dtype", [None, torch.float32, torch.float16, torch.bfloat16])
+def test_save_and_reload_in_each_precision(tmp_path, save_dtype):
+    m = models.tiny_sdxl()
+    network = make_network(m, ARGS)
+    optimizer = make_optimizer(network)
+    freeze_and_cast(m, network)
+    train_steps(m, network, optimizer, 2)
+    path = str(tmp_path / "sara.safetensors")
+    network.save_weights(path, save_dtype, {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"})
+    deltas, metadata = load_native(path)
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["ss_network_module"] == "sara_network"
+    by_name = {d.name: d for d in deltas}
+    for name, module in network.named_children():
+        expected = module.pinned_delta().detach()
+        if save_dtype is not None:
+            expected = expected.to(save_dtype)
+        assert torch.equal(by_name[name].values, expected)
+        assert torch.equal(by_name[name].indices, module.indices)
+
+    # resume path: create_network_from_weights (--dim_from_weights) + apply_to + load_weights
+    fresh = models.tiny_sdxl()
+    loaded, _ = sara_network.create_network_from_weights(1.0, path, None, fresh.text_encoders, fresh.unet,
+                                                         lambda_rank="0")
+    loaded.apply_to(fresh.text_encoders, fresh.unet, True, True)
+    info = loaded.load_weights(path)
+    assert "loaded" in info
+    tolerance = {None: 1e-6, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[save_dtype]
+    torch.testing.assert_close(outputs(fresh), outputs(m), rtol=tolerance, atol=tolerance)
+
+
+def test_sshs_model_hash_is_the_data_section_hash(tmp_path):
+    m = models.tiny_sd1()
+    network = make_network(m, ARGS)
+    path = tmp_path / "sara.safetensors"
+    network.save_weights(str(path), torch.float16, {"ss_output_name": "mine"})
+    raw = path.read_bytes()
+    header = struct.unpack("<Q", raw[:8])[0]
+    metadata = json.loads(raw[8:8 + header])["__metadata__"]
+    assert metadata["sshs_model_hash"] == "0x" + hashlib.sha256(raw[8 + header:]).hexdigest()
+
+
+def test_ckpt_is_tensor_only_and_loads_without_pickle(tmp_path):
+    m = models.tiny_sd1()
+    network = make_network(m, ARGS)
+    path = str(tmp_path / "sara.ckpt")
+    network.save_weights(path, torch.float16, {"ss_output_name": "mine"})
+    blob = torch.load(path, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in blob.values())
+    deltas, metadata = load_native(path)
+    assert metadata["ss_output_name"] == "mine" and len(deltas) == len(list(network.children()))
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_resume_equality_across_the_progressive_step(kind):
+    """4 straight steps == 2 steps, state save (network + optimizer), fresh process state, 2 steps;
+    the progressive step at step 3 falls after the resume."""
+    args = {"density": "0.05", "progressive_iter": "3", "lambda_rank": "1e-2", "rank_min_dim": "16"}
+    m = KINDS[kind]()
+    network = make_network(m, args)
+    optimizer = make_optimizer(network, weight_decay=0.05)
+    freeze_and_cast(m, network)
+    train_steps(m, network, optimizer, 4)
+    straight = delta_snapshot(network)
+
+    m = KINDS[kind]()
+    network = make_network(m, args)
+    optimizer = make_optimizer(network, weight_decay=0.05)
+    freeze_and_cast(m, network)
+    train_steps(m, network, optimizer, 2)
+    state = copy.deepcopy(network.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+
+    m = KINDS[kind]()
+    resumed = make_network(m, args)
+    optimizer = make_optimizer(resumed, weight_decay=0.05)
+    freeze_and_cast(m, resumed)
+    resumed.load_state_dict(state)
+    optimizer.load_state_dict(optimizer_state)
+    train_steps(m, resumed, optimizer, 2)
+    assert int(resumed.optimizer_steps) == 4
+    assert sum(mod.frozen_positions.numel() for mod in resumed.children()) > 0
+    for name, value in straight.items():
+        assert torch.equal(delta_snapshot(resumed)[name], value), name
+
+    # and resuming from a state saved after the progressive step restores the frozen set
+    again = make_network(KINDS[kind](), args)
+    again.load_state_dict(resumed.state_dict())
+    for (name, module), other in zip(resumed.named_children(), again.children()):
+        assert torch.equal(module.frozen_positions, other.frozen_positions)
+        assert torch.equal(module.pinned_delta(), other.pinned_delta())
+
+
+def test_progressive_step_freezes_exactly():
+    m = models.tiny_sd1()
+    network = make_network(m, {"density": "0.05", "progressive_iter": "0.5"}, max_train_steps=6)
+    optimizer = make_optimizer(network, weight_decay=0.1)
+    freeze_and_cast(m, network)
+    train_steps(m, network, optimizer, 3)
+    frozen = {name: (mod.frozen_positions.clone(), mod.pinned_delta().detach().clone())
+              for name, mod in network.named_children()}
+    total_frozen = sum(p.numel() for p, _ in frozen.values())
+    assert total_frozen > 0
+    # what was frozen is exactly the set whose |w0 + delta| left the threshold
+    for name, mod in network.named_children():
+        current = mod.base_values.float() + mod.pinned_delta().detach()
+        threshold = network.thresholds[mod.component]
+        assert torch.equal((current.abs() >= threshold).nonzero().reshape(-1).to(torch.int32),
+                           mod.frozen_positions)
+    train_steps(m, network, optimizer, 3)
+    still_training = 0
+    for name, mod in network.named_children():
+        positions, before = frozen[name]
+        after = mod.pinned_delta().detach()
+        assert torch.equal(after[positions.long()], before[positions.long()]), "a frozen entry moved"
+        # the parameter itself is kept equal to the frozen values too
+        assert torch.equal(mod.delta.detach()[positions.long()], before[positions.long()])
+        moving = torch.ones_like(after, dtype=torch.bool)
+        moving[positions.long()] = False
+        still_training += int((after[moving] != before[moving]).sum())
+    assert still_training > 0
+
+
+def nuclear_norm_of_updates(network):
+    total = 0.0
+    for mod in network.rank_eligible():
+        total += float(torch.linalg.matrix_norm(
+            torch.zeros(mod.weight_shape).view(-1).index_put((mod.indices.long(),), mod.pinned_delta().detach())
+            .view(mod.weight_shape), ord="nuc"))
+    return total
+
+
+@pytest.mark.parametrize("target", ["update", "weights"])
+def test_nuclear_norm_term_lowers_the_rank_of_the_update(target):
+    norms = []
+    for weight in ["0", "0.5"]:
+        m = models.tiny_sd1()
+        network = make_network(m, {"density": "0.2", "progressive_iter": "off", "lambda_rank": weight,
+                                   "rank_min_dim": "16", "rank_layers": "100", "rank_target": target})
+        optimizer = make_optimizer(network)
+        freeze_and_cast(m, network)
+        train_steps(m, network, optimizer, 6)
+        norms.append(nuclear_norm_of_updates(network))
+        if weight != "0":
+            assert network.last_rank_norm is not None
+    assert norms[1] < 0.9 * norms[0], norms
+
+
+def test_rank_term_counts_once_per_optimizer_step_under_accumulation():
+    """With accumulation the term is added once per optimizer step, not once per micro-batch."""
+    results = []
+    for accumulation in (1, 2):
+        m = models.tiny_sd1()
+        network = make_network(m, {"density": "0.05", "progressive_iter": "off", "lambda_rank": "1.0",
+                                   "rank_min_dim": "16", "rank_layers": "100"})
+        optimizer = torch.optim.SGD(network.prepare_optimizer_params(None, 1e-2, 1e-2)[0], lr=1e-2)
+        freeze_and_cast(m, network)
+        train_steps(m, network, optimizer, 2, accumulation=accumulation)
+        assert int(network.optimizer_steps) == 2
+        results.append(delta_snapshot(network))
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_dtype,autocast_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                                         (torch.float8_e4m3fn, torch.bfloat16)])
+def test_half_and_fp8_base_weights_train(weight_dtype, autocast_dtype):
+    m = models.tiny_sd1()
+    network = make_network(m, ARGS, train_text_encoder=False)
+    optimizer = make_optimizer(network)
+    freeze_and_cast(m, network, weight_dtype=None)
+    m.unet.to(weight_dtype)  # kohya: --fp8_base casts the U-Net, text encoder stays
+    for module in m.unet.modules():  # norms and embeddings stay in the compute dtype (as kohya's fp8 path)
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            for name, param in module.named_parameters(recurse=False):
+                param.data = param.data.to(autocast_dtype)
+    before = delta_snapshot(network)
+    train_steps(m, network, optimizer, 2, autocast_dtype=autocast_dtype)
+    after = delta_snapshot(network)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any((after[k] != before[k]).any() for k in before)
+    assert all(mod.delta.dtype == torch.float32 for mod in network.children())
+
+
+def test_max_norm_regularization():
+    m = models.tiny_sd1()
+    network = make_network(m, ARGS)
+    with torch.no_grad():
+        for p in network.trainable_parameters():
+            p.normal_(0, 1.0)
+    scaled, mean_norm, max_norm = network.apply_max_norm_regularization(0.5, "cpu")
+    assert scaled > 0 and max_norm == pytest.approx(0.5)
+    assert all(float(mod.pinned_delta().norm()) <= 0.5 + 1e-5 for mod in network.children())
+
+
+def test_unet_only_and_text_encoder_only():
+    m = models.tiny_sd1()
+    unet_only = make_network(m, ARGS, train_text_encoder=False)
+    assert unet_only.components() == ["unet"]
+    te_only = make_network(models.tiny_sd1(), ARGS, train_unet=False)
+    assert te_only.components() == ["lora_te"]
+
+
+# --------------------------------------------------------------------------------------------
+# bad inputs
+def test_bad_network_args():
+    m = models.tiny_sd1()
+    with pytest.raises(SaraOptionError, match="unknown SaRA network arg 'thresold'"):
+        sara_network.create_network(1.0, None, None, None, m.text_encoders[0], m.unet, thresold="1e-3")
+    with pytest.raises(SaraOptionError, match="threshold='-1'"):
+        sara_network.create_network(1.0, None, None, None, m.text_encoders[0], m.unet, threshold="-1")
+    with pytest.raises(SaraOptionError, match="no dropout"):
+        sara_network.create_network(1.0, None, None, None, m.text_encoders[0], m.unet, neuron_dropout=0.1)
+    network = sara_network.create_network(1.0, None, None, None, m.text_encoders[0], m.unet, threshold="1e-12")
+    with pytest.raises(SaraSelectionError, match=r"selects no parameters.*threshold=\S+ would select about 1%"):
+        network.apply_to(m.text_encoders[0], m.unet, True, True)
+
+
+def _trained_file(tmp_path, kind="sd1"):
+    m = KINDS[kind]()
+    network = make_network(m, ARGS)
+    with torch.no_grad():
+        for p in network.trainable_parameters():
+            p.normal_(0, 1e-3)
+    path = tmp_path / f"{kind}.safetensors"
+    network.save_weights(str(path), torch.float16, {})
+    return path
+
+
+def test_bad_files_are_refused_and_nothing_is_applied(tmp_path):
+    good = _trained_file(tmp_path)
+    m = models.tiny_sd1()
+    network = make_network(m, ARGS)
+    before = delta_snapshot(network)
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(SaraFileError, match="corrupted or truncated"):
+        network.load_weights(str(truncated))
+
+    from safetensors.torch import save_file
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
+               "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1), "lora_unet_conv_in.alpha": torch.tensor(4.0)},
+              str(lora))
+    with pytest.raises(SaraFileError, match="LoRA"):
+        network.load_weights(str(lora))
+
+    wrong_base = _trained_file(tmp_path, "sdxl")
+    with pytest.raises(SaraFileError, match="another base model"):
+        network.load_weights(str(wrong_base))
+
+    tensors, metadata = read_tensors(str(good))
+    name = next(k for k in tensors if k.endswith(".sara_values"))
+    broken = dict(tensors)
+    broken[name] = broken[name].clone()
+    broken[name][0] = float("nan")
+    nan_path = tmp_path / "nan.safetensors"
+    save_file(broken, str(nan_path), metadata)
+    with pytest.raises(SaraFileError, match="NaN or Inf"):
+        network.load_weights(str(nan_path))
+
+    unsorted = dict(tensors)
+    index_key = next(k for k in tensors if k.endswith(".sara_indices") and tensors[k].numel() > 1)
+    unsorted[index_key] = tensors[index_key].flip(0).contiguous()
+    unsorted_path = tmp_path / "unsorted.safetensors"
+    save_file(unsorted, str(unsorted_path), metadata)
+    with pytest.raises(SaraFileError, match="strictly increasing"):
+        network.load_weights(str(unsorted_path))
+
+    extra = dict(tensors)
+    extra[name.replace(".sara_values", ".sara_unknown")] = torch.zeros(1)
+    extra_path = tmp_path / "extra.safetensors"
+    save_file(extra, str(extra_path), metadata)
+    with pytest.raises(SaraFileError, match="unknown tensor"):
+        network.load_weights(str(extra_path))
+
+    for name, value in delta_snapshot(network).items():
+        assert torch.equal(value, before[name])
+
+
+def test_loading_onto_a_different_base_with_same_shapes_warns(tmp_path, caplog):
+    good = _trained_file(tmp_path)
+    other = models.tiny_sd1(seed=7)
+    network = make_network(other, ARGS)
+    with caplog.at_level("WARNING", logger="sara_network"):
+        info = network.load_weights(str(good))
+    assert "base model differs" in info
+    assert any("different base model" in record.message for record in caplog.records)
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path):
+    m = models.tiny_sd1()
+    network = make_network(m, ARGS)
+    path = tmp_path / "sara.safetensors"
+    network.save_weights(str(path), torch.float16, {})
+    original = path.read_bytes()
+    with pytest.raises(Exception):
+        network.save_weights(str(path), torch.float16, {"bad": object()})  # fails while serialising
+    assert path.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["sara.safetensors"]
