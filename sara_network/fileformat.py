@@ -255,6 +255,46 @@ def _validate_values(values: torch.Tensor, count: int, path: str, name: str, wha
     _check(bool(torch.isfinite(values).all()), path, name, f"{what} contain NaN or Inf")
 
 
+def parse_module(name: str, parts: Mapping[str, torch.Tensor], path: str = "<memory>") -> ModuleDelta:
+    """Validate one module's tensors ({suffix: tensor}) and return its delta. Hosts that hand over
+    a bare state dict without metadata (Forge, ComfyUI) parse modules one by one with this."""
+    for required in ("sara_values", "sara_shape"):
+        _check(required in parts, path, name, f"missing {required}")
+    _check(("sara_indices" in parts) != ("sara_mask" in parts), path, name,
+           "needs exactly one of sara_indices or sara_mask")
+    shape_tensor = parts["sara_shape"]
+    _check(shape_tensor.dtype == torch.int64 and shape_tensor.dim() == 1 and bool((shape_tensor > 0).all()),
+           path, name, "sara_shape must be a 1-D int64 tensor of positive sizes")
+    shape = tuple(int(s) for s in shape_tensor.tolist())
+    numel = math.prod(shape)
+    if "sara_mask" in parts:
+        mask = parts["sara_mask"]
+        _check(mask.dtype == torch.uint8 and mask.shape == ((numel + 7) // 8,), path, name,
+               f"sara_mask must be uint8 of {(numel + 7) // 8} bytes")
+        _check(not bool(unpack_bits(mask, mask.numel() * 8)[numel:].any()), path, name,
+               "sara_mask has bits set past the end of the weight")
+        indices = mask_to_indices(mask, numel)
+    else:
+        indices = parts["sara_indices"]
+        _validate_indices(indices, numel, path, name, "sara_indices")
+    _validate_values(parts["sara_values"], indices.numel(), path, name, "sara_values")
+    frozen = None
+    if "sara_frozen" in parts:
+        packed = parts["sara_frozen"]
+        _check(packed.dtype == torch.uint8 and packed.shape == ((indices.numel() + 7) // 8,), path, name,
+               "sara_frozen must be a uint8 bitmask over the deltas")
+        frozen = unpack_bits(packed, indices.numel())
+    bias_indices = bias_values = None
+    if "sara_bias_values" in parts or "sara_bias_indices" in parts:
+        _check("sara_bias_values" in parts and "sara_bias_indices" in parts, path, name,
+               "bias deltas need both sara_bias_values and sara_bias_indices")
+        bias_indices = parts["sara_bias_indices"]
+        _validate_indices(bias_indices, shape[0], path, name, "sara_bias_indices")
+        bias_values = parts["sara_bias_values"]
+        _validate_values(bias_values, bias_indices.numel(), path, name, "sara_bias_values")
+    return ModuleDelta(name, shape, indices, parts["sara_values"], frozen, bias_indices, bias_values)
+
+
 def parse_native(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str = "<memory>"
                  ) -> list[ModuleDelta]:
     """Validate a native file's tensors and metadata completely and return its module deltas."""
@@ -280,44 +320,10 @@ def parse_native(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
                             "the file is damaged or was edited")
     deltas = []
     for name in sorted(grouped):
-        parts = grouped[name]
-        for required in ("sara_values", "sara_shape"):
-            _check(required in parts, path, name, f"missing {required}")
-        _check(("sara_indices" in parts) != ("sara_mask" in parts), path, name,
-               "needs exactly one of sara_indices or sara_mask")
-        shape_tensor = parts["sara_shape"]
-        _check(shape_tensor.dtype == torch.int64 and shape_tensor.dim() == 1 and bool((shape_tensor > 0).all()),
-               path, name, "sara_shape must be a 1-D int64 tensor of positive sizes")
-        shape = tuple(int(s) for s in shape_tensor.tolist())
-        numel = math.prod(shape)
-        if "sara_mask" in parts:
-            mask = parts["sara_mask"]
-            _check(mask.dtype == torch.uint8 and mask.shape == ((numel + 7) // 8,), path, name,
-                   f"sara_mask must be uint8 of {(numel + 7) // 8} bytes")
-            _check(not bool(unpack_bits(mask, mask.numel() * 8)[numel:].any()), path, name,
-                   "sara_mask has bits set past the end of the weight")
-            indices = mask_to_indices(mask, numel)
-        else:
-            indices = parts["sara_indices"]
-            _validate_indices(indices, numel, path, name, "sara_indices")
-        _check(int(counts[name]) == indices.numel(), path, name,
-               f"metadata says {counts[name]} selected entries, the file has {indices.numel()}")
-        _validate_values(parts["sara_values"], indices.numel(), path, name, "sara_values")
-        frozen = None
-        if "sara_frozen" in parts:
-            packed = parts["sara_frozen"]
-            _check(packed.dtype == torch.uint8 and packed.shape == ((indices.numel() + 7) // 8,), path, name,
-                   "sara_frozen must be a uint8 bitmask over the deltas")
-            frozen = unpack_bits(packed, indices.numel())
-        bias_indices = bias_values = None
-        if "sara_bias_values" in parts or "sara_bias_indices" in parts:
-            _check("sara_bias_values" in parts and "sara_bias_indices" in parts, path, name,
-                   "bias deltas need both sara_bias_values and sara_bias_indices")
-            bias_indices = parts["sara_bias_indices"]
-            _validate_indices(bias_indices, shape[0], path, name, "sara_bias_indices")
-            bias_values = parts["sara_bias_values"]
-            _validate_values(bias_values, bias_indices.numel(), path, name, "sara_bias_values")
-        deltas.append(ModuleDelta(name, shape, indices, parts["sara_values"], frozen, bias_indices, bias_values))
+        delta = parse_module(name, grouped[name], path)
+        _check(int(counts[name]) == delta.indices.numel(), path, name,
+               f"metadata says {counts[name]} selected entries, the file has {delta.indices.numel()}")
+        deltas.append(delta)
     if not deltas:
         raise SaraFileError(f"{path}: the file holds no modules")
     return deltas
