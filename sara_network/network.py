@@ -85,10 +85,10 @@ class SaraModule(nn.Module):
         # progressive step and the 'weights' rank target compare/penalise base + delta.
         self.register_buffer("base_values", self._gather_base(indices), persistent=False)
         self.bias_delta = None
-        self.bias_indices = None
+        self.register_buffer("bias_indices", None)
         if bias_indices is not None and bias_indices.numel():
             self.bias_delta = nn.Parameter(torch.zeros(bias_indices.numel(), dtype=torch.float32, device=device))
-            self.register_buffer("bias_indices", bias_indices.to(device=device, dtype=torch.int32))
+            self.bias_indices = bias_indices.to(device=device, dtype=torch.int32)
 
     @property
     def base(self) -> nn.Module:
