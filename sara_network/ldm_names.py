@@ -340,3 +340,10 @@ def comfy_key(kohya_name: str, arch: ArchLike) -> str:
     if prefix == UNET:
         return f"diffusion_model.{ldm_unet_path(kohya_name, arch)}.weight"
     return f"{arch.text_encoders[prefix].comfy_prefix}{path}.weight"
+
+
+def a1111_attention_siblings(sd_key: str) -> list[str]:
+    """A1111 patches an OpenCLIP attention (SD2 text encoder, SDXL's second) only when the network has
+    its q, k, v and out: the four keys of the layer an `..._attn_q_proj`-style key belongs to, else []."""
+    match = re.fullmatch(r"(.*_transformer_resblocks_\d+_attn)_(?:q_proj|k_proj|v_proj|out_proj)", sd_key)
+    return [f"{match[1]}_{part}" for part in (*_QKV, "out_proj")] if match else []

@@ -1,0 +1,37 @@
+"""SaRA files through Forge's `<lora:name:weight>`: a loader in front of Forge's LoRA loaders.
+
+Forge resolves `load_lora` through `backend.patcher.lora.lora_collection_priority` on every call;
+the collection put first here turns each SaRA module into a ("sara", delta) patch, applied by the
+"sara" entry of `extra_weight_calculators` when Forge merges (or, online, at forward), and hands
+every other key to Forge's own loader. Only glue: the arithmetic is sara_network.host_patch.
+"""
+from backend.patcher import lora as forge_lora
+from sara_network import host_patch
+
+PATCH_TYPE = "sara"
+
+
+class SaraCollection:
+    """A `lora_collection_priority` entry: only `load_lora`, the key maps come from the next one."""
+
+    is_sara = True
+
+    @staticmethod
+    def load_lora(lora, to_load):
+        deltas = host_patch.deltas_for(lora, to_load)
+        patches, _ = host_patch.host_patches(deltas.values(), to_load, lambda delta: (PATCH_TYPE, delta))
+        others = next(c for c in forge_lora.lora_collection_priority
+                      if not getattr(c, "is_sara", False) and hasattr(c, "load_lora"))
+        more, remaining = others.load_lora(host_patch.without_modules(lora, deltas), to_load)
+        return {**more, **patches}, remaining
+
+
+def calculate_weight(weight, strength, delta):
+    """Forge's fp32 merge copy of the weight + strength * delta (sparse, in place)."""
+    return host_patch.add_delta_(weight, delta, strength)
+
+
+forge_lora.extra_weight_calculators[PATCH_TYPE] = calculate_weight
+forge_lora.lora_collection_priority[:] = [c for c in forge_lora.lora_collection_priority
+                                          if not getattr(c, "is_sara", False)]
+forge_lora.lora_collection_priority.insert(0, SaraCollection)

@@ -1,0 +1,153 @@
+"""Weight patches from native SaRA files, shared by the UI integrations and the tools.
+
+Each UI keeps the base weights and adds a delta to them: AUTOMATIC1111 asks a network module for a
+dense `updown`, Forge and ComfyUI take patches keyed by their own parameter names, a merged
+checkpoint is a state dict. The functions below turn a file's ModuleDelta into each of those, so
+every host computes the same numbers, base + multiplier * delta in fp32, that
+`SaraNetwork.merge_into_base` computes. Host glue (integrations/) only calls into this module.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import torch
+
+from . import fileformat, ldm_names
+from .fileformat import ModuleDelta, SaraFileError
+
+HostKey = Union[str, tuple]  # Forge / ComfyUI: "x.weight", or (key, offset[, function])
+
+
+def module_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The kohya names of the SaRA modules in a state dict (keys `<name>.sara_values`)."""
+    return sorted(key[:-len(".sara_values")] for key in tensors if key.endswith(".sara_values"))
+
+
+def module_keys(tensors: Mapping[str, torch.Tensor], name: str) -> list[str]:
+    return [f"{name}.{suffix}" for suffix in fileformat.SUFFIXES if f"{name}.{suffix}" in tensors]
+
+
+def module_from_state_dict(tensors: Mapping[str, torch.Tensor], name: str,
+                           path: str = "<state dict>") -> Optional[ModuleDelta]:
+    """One module of a bare state dict (what Forge and ComfyUI hand to a loader), validated;
+    None when the state dict has no SaRA tensors under that name."""
+    if f"{name}.sara_values" not in tensors:
+        return None
+    parts = {key.split(".", 1)[1]: tensors[key] for key in module_keys(tensors, name)}
+    return fileformat.parse_module(name, parts, path)
+
+
+def _fit(tensor: torch.Tensor, shape: tuple, name: str) -> torch.Tensor:
+    """The delta in the host's shape: a 2-D delta fits a 1x1 conv and back (same numel)."""
+    if math.prod(shape) != tensor.numel():
+        raise SaraFileError(f"{name}: the delta has shape {tuple(tensor.shape)} but the model's weight has "
+                            f"{tuple(shape)}; the file was trained on another base architecture")
+    return tensor.reshape(shape)
+
+
+def weight_delta(delta: ModuleDelta, host_weight_shape: Optional[tuple] = None, multiplier: float = 1.0,
+                 device: Optional[torch.device] = None) -> torch.Tensor:
+    """multiplier * the dense fp32 weight delta, shaped like the host's weight."""
+    flat = torch.zeros(delta.numel, dtype=torch.float32, device=device)
+    flat[delta.indices.to(device=flat.device, dtype=torch.long)] = delta.values.to(flat.device, torch.float32)
+    return _fit(flat * multiplier if multiplier != 1.0 else flat, tuple(host_weight_shape or delta.shape), delta.name)
+
+
+def bias_delta(delta: ModuleDelta, multiplier: float = 1.0,
+               device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+    """multiplier * the dense fp32 bias delta, or None when the file trains no bias of this module."""
+    if delta.bias_indices is None:
+        return None
+    dense = torch.zeros(delta.shape[0], dtype=torch.float32, device=device)
+    dense[delta.bias_indices.to(device=dense.device, dtype=torch.long)] = delta.bias_values.to(dense.device,
+                                                                                              torch.float32)
+    return dense * multiplier if multiplier != 1.0 else dense
+
+
+def module_delta(delta: ModuleDelta, host_weight_shape: Optional[tuple] = None, multiplier: float = 1.0,
+                 device: Optional[torch.device] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight delta shaped for the host, bias delta or None), both fp32 and scaled by multiplier."""
+    return weight_delta(delta, host_weight_shape, multiplier, device), bias_delta(delta, multiplier, device)
+
+
+def add_delta_(weight: torch.Tensor, delta: ModuleDelta, multiplier: float = 1.0) -> torch.Tensor:
+    """weight += multiplier * delta at the selected entries only, in place, in the weight's dtype
+    (no dense delta is built: Forge's fp32 merge copy of an SDXL layer stays the only big tensor)."""
+    _fit(weight.reshape(-1), delta.shape, delta.name)
+    flat = weight.view(-1) if weight.is_contiguous() else weight.reshape(-1)
+    values = delta.values.to(device=weight.device, dtype=torch.float32) * multiplier
+    flat.index_add_(0, delta.indices.to(device=weight.device, dtype=torch.long), values.to(weight.dtype))
+    if flat.data_ptr() != weight.data_ptr():
+        weight.copy_(flat.view(weight.shape))
+    return weight
+
+
+def native_to_dense_patches(source: Union[str, Iterable[ModuleDelta]]
+                            ) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """{kohya name: (dense weight delta, dense bias delta or None)} of a native file (a path or its
+    deltas), in the file's own shapes: the content of an equivalent LyCORIS `diff` / `diff_b` file."""
+    deltas = fileformat.load_native(source)[0] if isinstance(source, str) else source
+    return {delta.name: module_delta(delta) for delta in deltas}
+
+
+# ---------------------------------------------------------------------------------------------
+# Forge / ComfyUI: patch dictionaries keyed by the host's parameter names
+def deltas_for(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, ModuleDelta]:
+    """The SaRA modules of a bare state dict among `names` (a host key map's kohya names)."""
+    found = {}
+    for name in names:
+        delta = module_from_state_dict(tensors, name)
+        if delta is not None:
+            found[name] = delta
+    return found
+
+
+def bias_patches(deltas: Iterable[ModuleDelta], key_map: Mapping[str, HostKey]) -> dict[str, tuple]:
+    """("diff", (dense bias,)) patches for the biases the deltas train (small, so dense is fine)."""
+    patches = {}
+    for delta in deltas:
+        bias = bias_delta(delta)
+        target = key_map.get(delta.name)
+        if bias is not None and isinstance(target, str) and target.endswith(".weight"):
+            patches[target[:-len(".weight")] + ".bias"] = ("diff", (bias,))
+    return patches
+
+
+def host_patches(deltas: Iterable[ModuleDelta], key_map: Mapping[str, HostKey],
+                 weight_patch: Callable[[ModuleDelta], Any]) -> tuple[dict, list[str]]:
+    """({host key: weight_patch(delta)} plus bias patches, names the key map does not know)."""
+    deltas = list(deltas)
+    patches = {key_map[d.name]: weight_patch(d) for d in deltas if d.name in key_map}
+    patches.update(bias_patches(deltas, key_map))
+    return patches, [d.name for d in deltas if d.name not in key_map]
+
+
+def without_modules(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The state dict minus the keys of the given SaRA modules (what a host's next loader sees)."""
+    consumed = {key for name in names for key in module_keys(tensors, name)}
+    return {key: value for key, value in tensors.items() if key not in consumed}
+
+
+# ---------------------------------------------------------------------------------------------
+# single-file LDM checkpoints
+@torch.no_grad()
+def patch_checkpoint_(state_dict: dict[str, torch.Tensor], deltas: Iterable[ModuleDelta],
+                      arch: ldm_names.ArchLike, multiplier: float = 1.0) -> list[str]:
+    """Add multiplier * delta to an LDM checkpoint state dict in place (fp32 math, dtypes kept; an
+    OpenCLIP q/k/v lands on its third of in_proj_weight). Returns the names with no key in it."""
+    missing = []
+    for delta in deltas:
+        target = ldm_names.checkpoint_key(delta.name, arch)
+        if target.key not in state_dict:
+            missing.append(delta.name)
+            continue
+        weight_update, bias_update = module_delta(delta, multiplier=multiplier)
+        for key, update in ((target.key, weight_update), (target.bias_key, bias_update)):
+            if update is None:
+                continue
+            if key not in state_dict:
+                raise SaraFileError(f"{delta.name}: the file trains a bias but the checkpoint has no {key}")
+            part = target.view(state_dict[key])
+            part.copy_((part.to(torch.float32) + _fit(update, tuple(part.shape), delta.name)).to(part.dtype))
+    return missing
