@@ -416,3 +416,26 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path):
         atomic_write_bytes(str(path), object())  # the write fails half-way
     assert path.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["sara.safetensors"]
+
+
+def test_budget_is_exact_and_include_bias_trains_biases(tmp_path):
+    m = models.tiny_sd1()
+    network = make_network(m, {"budget": "3k", "include_bias": "true", "progressive_iter": "off"})
+    weight_count = sum(mod.indices.numel() for mod in network.children())
+    assert weight_count == 3000
+    with_bias = [mod for mod in network.children() if mod.bias_delta is not None]
+    assert with_bias, "no bias entries were selected"
+    optimizer = make_optimizer(network)
+    freeze_and_cast(m, network)
+    train_steps(m, network, optimizer, 2)
+    assert any(mod.bias_delta.abs().sum() > 0 for mod in with_bias)
+    path = str(tmp_path / "bias.safetensors")
+    network.save_weights(path, torch.float32, {})
+    deltas = {d.name: d for d in load_native(path)[0]}
+    for mod in with_bias:
+        assert torch.equal(deltas[mod.sara_name].bias_values, mod.bias_delta.detach())
+    patched = outputs(m)
+    fresh = models.tiny_sd1()
+    loaded = make_network(fresh, ARGS)
+    loaded.load_weights(path)
+    torch.testing.assert_close(outputs(fresh), patched)
