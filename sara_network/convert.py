@@ -1,0 +1,657 @@
+"""Conversions between native SaRA files and the files every UI reads, plus merging.
+
+Pure functions over ModuleDelta lists and state dicts (the CLI in cli.py only reads, calls, writes):
+
+- native -> LyCORIS `full` (`<name>.diff`, `.diff_b`): exact, loads in A1111 / Forge / ComfyUI.
+- native -> kohya LoRA (`lora_down` / `lora_up` / `alpha`): a truncated SVD of each dense delta, the
+  only adapter form diffusers' `load_lora_weights` also reads. Rank per module is fixed or chosen
+  from the spectrum; the relative Frobenius error of what is stored is measured, not estimated.
+- diff / LoRA -> native: a diff's exact nonzero support, or a LoRA's dense delta projected onto the
+  SaRA selection of a base model (so training can start from a LoRA) or onto its top-k entries.
+- merges: native + native (union of supports), and native files baked into base weights.
+
+Module names are kohya's throughout (see naming.py), so the same name keys every format.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from . import ldm_names
+from .fileformat import ModuleDelta, SaraFileError, split_key
+
+DIFF_SUFFIXES = ("diff", "diff_b")
+LORA_UP_SUFFIXES = ("lora_up.weight", "lora_B.weight")
+LORA_DOWN_SUFFIXES = ("lora_down.weight", "lora_A.weight")
+LORA_SUFFIXES = (*LORA_UP_SUFFIXES, *LORA_DOWN_SUFFIXES, "alpha", "lora_mid.weight")
+NAME_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+_UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "oft_": "OFT", "w_norm": "norm",
+                "a1.weight": "GLoRA", "on_input": "IA3"}
+
+# ss_base_model_version -> (modelspec architecture, implementation, resolution)
+BASE_MODELS = {
+    "sd_v1": ("stable-diffusion-v1/lora", "diffusers", "512x512"),
+    "sd_v2": ("stable-diffusion-v2-512/lora", "diffusers", "512x512"),
+    "sd_v2_v": ("stable-diffusion-v2-768-v/lora", "diffusers", "768x768"),
+    "sdxl_base_v1-0": ("stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models",
+                       "1024x1024"),
+}
+ARCH_OF_BASE_MODEL = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
+# metadata keys of a native file that describe the native format itself, not the training
+_NATIVE_ONLY_KEYS = ("sara_format", "sara_format_version", "sara_counts", "sara_total_selected", "sshs_model_hash",
+                     "sshs_legacy_hash")
+
+Progress = Callable[[Iterable], Iterable]
+
+
+def _no_progress(items: Iterable, **_: object) -> Iterable:
+    return items
+
+
+def group_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {suffix: tensor}}; keys split at the first dot, as every UI splits them."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, suffix = split_key(key)
+        grouped.setdefault(name, {})[suffix] = tensor
+    return grouped
+
+
+def _check_names(grouped: Mapping[str, object], what: str) -> None:
+    foreign = [name for name in grouped if not name.startswith(NAME_PREFIXES)]
+    if foreign:
+        raise SaraFileError(f"{what}: module names {foreign[:3]} are not kohya-style (lora_unet_..., lora_te_...); "
+                            "a diffusers/PEFT LoRA must first be converted to kohya format "
+                            "(diffusers.utils.convert_state_dict_to_kohya)")
+
+
+# ---------------------------------------------------------------------------------------------
+# architectures and metadata
+def base_model_version(names: Iterable[str], metadata: Mapping[str, str], given: Optional[str] = None) -> str:
+    """The ss_base_model_version of a file: given explicitly, from its metadata, or unmistakable from
+    its names (kohya's SDXL names: `lora_te1_`/`lora_te2_`, LDM U-Net blocks); else an error."""
+    version = given or metadata.get("ss_base_model_version")
+    if version is None:
+        names = list(names)
+        if any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_middle_block",
+                             "lora_unet_output_blocks")) for n in names):
+            version = "sdxl_base_v1-0"
+    if version is None:
+        raise ValueError("the file does not say which base model it is for; give --base-model "
+                         f"({'|'.join(BASE_MODELS)})")
+    if version not in BASE_MODELS:
+        raise ValueError(f"unknown base model {version!r} (expected one of {', '.join(BASE_MODELS)})")
+    return version
+
+
+def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """A native file's training metadata (ss_*, modelspec.*, sara_config ...), minus its format keys."""
+    return {k: v for k, v in metadata.items() if k not in _NATIVE_ONLY_KEYS}
+
+
+def adapter_metadata(source: Mapping[str, str], version: str, title: str, network_module: str,
+                     dim: Optional[int] = None, extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The metadata UIs read (consumers.md section 3): ss_* minimum keys and modelspec 1.0.1."""
+    architecture, implementation, resolution = BASE_MODELS[version]
+    metadata = carried_metadata(source)
+    metadata.update({
+        "ss_base_model_version": version,
+        "ss_v2": str(version.startswith("sd_v2")),
+        "ss_network_module": network_module,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": implementation,
+        "modelspec.title": source.get("modelspec.title", title),
+        "modelspec.resolution": resolution,
+    })
+    if dim is not None:
+        metadata["ss_network_dim"] = metadata["ss_network_alpha"] = str(dim)
+    else:
+        for key in ("ss_network_dim", "ss_network_alpha"):
+            metadata.pop(key, None)
+    metadata.update(extra or {})
+    return metadata
+
+
+def open_clip_fillers(shapes: Mapping[str, tuple], version: str) -> dict[str, tuple]:
+    """{name: shape} of the missing siblings of partly covered OpenCLIP attention layers (SD2's and
+    SDXL's second text encoder): A1111 skips such a layer unless q, k, v and out are all present."""
+    arch = ldm_names.get_arch(ARCH_OF_BASE_MODEL[version])
+    open_prefixes = tuple(p + "_" for p, encoder in arch.text_encoders.items() if encoder.open_clip)
+    fillers = {}
+    for name, shape in shapes.items():
+        match = re.fullmatch(r"(.*_self_attn)_(?:q|k|v|out)_proj", name)
+        if match and name.startswith(open_prefixes):
+            for part in ("q", "k", "v", "out"):
+                sibling = f"{match[1]}_{part}_proj"
+                if sibling not in shapes:
+                    fillers[sibling] = shape  # CLIP attention projections are all (width, width)
+    return fillers
+
+
+# ---------------------------------------------------------------------------------------------
+# native <-> diff
+def to_diff(deltas: Sequence[ModuleDelta], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """LyCORIS `full` tensors: `<name>.diff` in the weight's exact shape, `.diff_b` for bias deltas."""
+    tensors = {}
+    for delta in deltas:
+        tensors[f"{delta.name}.diff"] = delta.dense(torch.float32).to(dtype).contiguous()
+        if delta.bias_indices is not None and delta.bias_indices.numel():
+            bias = torch.zeros(delta.shape[0], dtype=torch.float32)
+            bias[delta.bias_indices.long()] = delta.bias_values.to(torch.float32)
+            tensors[f"{delta.name}.diff_b"] = bias.to(dtype)
+    return tensors
+
+
+def _support(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = dense.reshape(-1)
+    indices = flat.nonzero().reshape(-1)
+    return indices.to(torch.int32), flat[indices]
+
+
+def from_diff(tensors: Mapping[str, torch.Tensor], path: str = "<diff>") -> tuple[list[ModuleDelta], list[str]]:
+    """Native deltas holding exactly the nonzero entries of a diff file, and the names of modules
+    left out because their weight diff is all zero (a native module needs a weight support)."""
+    grouped = group_modules(tensors)
+    _check_names(grouped, path)
+    deltas, empty = [], []
+    for name in sorted(grouped):
+        parts = grouped[name]
+        unknown = set(parts) - set(DIFF_SUFFIXES)
+        if unknown or "diff" not in parts:
+            kind = "a LoRA (use from-lora)" if set(parts) & set(LORA_SUFFIXES) else f"suffixes {sorted(parts)}"
+            raise SaraFileError(f"{path}: module {name}: expected .diff (+ .diff_b), found {kind}")
+        diff = parts["diff"]
+        if not diff.is_floating_point() or not bool(torch.isfinite(diff).all()):
+            raise SaraFileError(f"{path}: module {name}: .diff must be finite floating point values")
+        indices, values = _support(diff)
+        if not indices.numel():
+            empty.append(name)
+            continue
+        bias_indices = bias_values = None
+        if "diff_b" in parts:
+            if parts["diff_b"].shape != (diff.shape[0],):
+                raise SaraFileError(f"{path}: module {name}: .diff_b has shape {tuple(parts['diff_b'].shape)}, "
+                                    f"expected ({diff.shape[0]},)")
+            bias_indices, bias_values = _support(parts["diff_b"])
+            if not bias_indices.numel():
+                bias_indices = bias_values = None
+        deltas.append(ModuleDelta(name, tuple(diff.shape), indices, values, None, bias_indices, bias_values))
+    if not deltas:
+        raise SaraFileError(f"{path}: every diff is zero, nothing to convert")
+    return deltas, empty
+
+
+# ---------------------------------------------------------------------------------------------
+# low rank: native -> LoRA
+@dataclasses.dataclass(frozen=True)
+class RankRule:
+    """How each module's rank is chosen: a fixed `rank`, or the smallest rank that keeps `energy`
+    of the squared singular values / reaches `max_rel_error`; never above `max_rank`."""
+
+    rank: Optional[int] = None
+    energy: Optional[float] = None
+    max_rel_error: Optional[float] = None
+    max_rank: Optional[int] = None
+
+    def __post_init__(self):
+        given = [x for x in (self.rank, self.energy, self.max_rel_error) if x is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of --rank, --energy or --max-rel-error")
+        if self.rank is not None and self.rank < 1 or self.max_rank is not None and self.max_rank < 1:
+            raise ValueError("ranks must be >= 1")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ValueError("--energy must be in (0, 1]")
+        if self.max_rel_error is not None and not 0 <= self.max_rel_error < 1:
+            raise ValueError("--max-rel-error must be in [0, 1)")
+
+    def cap(self, full_rank: int) -> int:
+        """The largest rank the rule can pick (what a randomized SVD must compute)."""
+        limit = full_rank if self.max_rank is None else min(self.max_rank, full_rank)
+        return min(self.rank, limit) if self.rank is not None else limit
+
+    def choose(self, singular_values: torch.Tensor, total_sq: float, full_rank: int) -> int:
+        """The rank for a spectrum (the leading values suffice: the tail comes from total_sq)."""
+        cap = self.cap(full_rank)
+        if self.rank is not None:
+            return cap
+        allowed = (1.0 - self.energy) if self.energy is not None else self.max_rel_error ** 2
+        tail = total_sq - torch.cumsum(singular_values.to(torch.float64) ** 2, 0)
+        reached = (tail <= allowed * total_sq + 1e-12 * total_sq).nonzero()
+        return min(cap, int(reached[0]) + 1 if reached.numel() else cap)
+
+
+def _svd(matrix: torch.Tensor, q: int, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of the leading q singular triplets: exact, or randomized when q is small."""
+    full = min(matrix.shape)
+    if method == "exact" or (method == "auto" and 2 * (q + 8) >= full):
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u, s, vh
+    u, s, v = torch.svd_lowrank(matrix, q=min(q + 8, full), niter=4)
+    return u, s, v.T
+
+
+@dataclasses.dataclass
+class LoraModule:
+    name: str
+    rank: int
+    error_sq: float  # ||D - up @ down||_F^2 of the factors as stored
+    norm_sq: float  # ||D||_F^2
+
+    @property
+    def rel_error(self) -> float:
+        return math.sqrt(self.error_sq / self.norm_sq) if self.norm_sq else 0.0
+
+
+def lora_factors(dense: torch.Tensor, rule: RankRule, method: str = "auto",
+                 dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(lora_up, lora_down, ||D - up@down||_F^2) of a dense delta, with alpha = rank (scale 1).
+
+    A conv delta (out, in, kh, kw) is factored as the matrix (out, in*kh*kw): lora_down is a kxk
+    conv (r, in, kh, kw), lora_up a 1x1 conv (out, r, 1, 1), LoCon's layout. The singular values
+    are split evenly (sqrt) between the factors, which keeps both in fp16 range."""
+    shape = tuple(dense.shape)
+    matrix = dense.reshape(shape[0], -1).to(torch.float32)
+    full_rank = min(matrix.shape)
+    total_sq = float(matrix.to(torch.float64).square().sum())
+    u, s, vh = _svd(matrix, rule.cap(full_rank), method)
+    rank = max(1, rule.choose(s, total_sq, full_rank))
+    rank = min(rank, s.numel())
+    root = s[:rank].sqrt()
+    up = (u[:, :rank] * root).to(dtype)
+    down = (root[:, None] * vh[:rank]).to(dtype)
+    error_sq = float((matrix - up.to(torch.float32) @ down.to(torch.float32)).to(torch.float64).square().sum())
+    if len(shape) == 4:
+        up, down = up.reshape(shape[0], rank, 1, 1), down.reshape(rank, *shape[1:])
+    return up.contiguous(), down.contiguous(), error_sq
+
+
+@dataclasses.dataclass
+class LoraResult:
+    tensors: dict[str, torch.Tensor]
+    modules: list[LoraModule]
+    bias_modules: list[str]  # modules whose bias deltas a LoRA cannot carry
+    fillers: list[str]  # zero rank-1 modules added for A1111's OpenCLIP attention rule
+
+    @property
+    def rel_error(self) -> float:
+        norm_sq = sum(m.norm_sq for m in self.modules)
+        return math.sqrt(sum(m.error_sq for m in self.modules) / norm_sq) if norm_sq else 0.0
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.rank for m in self.modules), default=1)
+
+    def report(self) -> dict:
+        return {"rel_error": self.rel_error, "max_rank": self.max_rank,
+                "modules": {m.name: {"rank": m.rank, "rel_error": m.rel_error} for m in self.modules},
+                "dropped_bias_deltas": self.bias_modules, "zero_fillers": self.fillers}
+
+
+def to_lora(deltas: Sequence[ModuleDelta], rule: RankRule, version: str, method: str = "auto",
+            dtype: torch.dtype = torch.float16, progress: Progress = _no_progress) -> LoraResult:
+    """kohya LoRA tensors of native deltas (all-zero modules are left out)."""
+    tensors, modules = {}, []
+    for delta in progress(deltas, desc="SVD", unit="module"):
+        dense = delta.dense(torch.float32)
+        norm_sq = float(dense.to(torch.float64).square().sum())
+        if norm_sq == 0.0:
+            continue
+        up, down, error_sq = lora_factors(dense, rule, method, dtype)
+        rank = down.shape[0]
+        tensors[f"{delta.name}.lora_up.weight"] = up
+        tensors[f"{delta.name}.lora_down.weight"] = down
+        tensors[f"{delta.name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+        modules.append(LoraModule(delta.name, rank, error_sq, norm_sq))
+    if not modules:
+        raise SaraFileError("every delta in the file is zero: there is nothing to convert")
+    shapes = {m.name: next(d.shape for d in deltas if d.name == m.name) for m in modules}
+    fillers = open_clip_fillers(shapes, version)
+    for name, shape in fillers.items():
+        tensors[f"{name}.lora_up.weight"] = torch.zeros(shape[0], 1, dtype=dtype)
+        tensors[f"{name}.lora_down.weight"] = torch.zeros(1, shape[1], dtype=dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(1.0, dtype=dtype)
+    bias_modules = [d.name for d in deltas if d.bias_indices is not None and d.bias_indices.numel()]
+    return LoraResult(tensors, modules, bias_modules, sorted(fillers))
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA -> dense deltas
+def lora_module_delta(name: str, parts: Mapping[str, torch.Tensor], path: str = "<lora>") -> torch.Tensor:
+    """The dense fp32 delta of one kohya / LyCORIS LoCon module: scale * up @ (mid) @ down."""
+    for marker, algo in _UNSUPPORTED.items():
+        if any(marker in suffix for suffix in parts):
+            raise SaraFileError(f"{path}: module {name} is {algo}; only LoRA / LoCon (lora_up, lora_down, "
+                                "alpha, lora_mid) and diff modules can be converted")
+    unknown = set(parts) - set(LORA_SUFFIXES)
+    up = next((parts[s] for s in LORA_UP_SUFFIXES if s in parts), None)
+    down = next((parts[s] for s in LORA_DOWN_SUFFIXES if s in parts), None)
+    if unknown or up is None or down is None:
+        what = "a diff (use from-diff)" if set(parts) & set(DIFF_SUFFIXES) else f"suffixes {sorted(parts)}"
+        raise SaraFileError(f"{path}: module {name}: expected lora_up.weight + lora_down.weight (+ alpha), "
+                            f"found {what}")
+    rank = down.shape[0]
+    alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+    scale = alpha / rank
+    up32, down32 = up.to(torch.float32), down.to(torch.float32)
+    try:
+        if "lora_mid.weight" in parts:  # Tucker: down 1x1 -> mid kxk -> up 1x1
+            mid = parts["lora_mid.weight"].to(torch.float32)
+            dense = torch.einsum("oa,abhw,bi->oihw", up32.flatten(1), mid, down32.flatten(1))
+        else:
+            dense = (up32.flatten(1) @ down32.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+    except RuntimeError as error:
+        raise SaraFileError(f"{path}: module {name}: lora_up {tuple(up.shape)} and lora_down "
+                            f"{tuple(down.shape)} do not fit together ({error})") from None
+    if not bool(torch.isfinite(dense).all()):
+        raise SaraFileError(f"{path}: module {name}: the LoRA holds NaN or Inf")
+    return dense * scale
+
+
+def lora_deltas(tensors: Mapping[str, torch.Tensor], path: str = "<lora>") -> dict[str, torch.Tensor]:
+    """{name: dense fp32 delta} of every module of a kohya / LyCORIS LoRA state dict."""
+    grouped = group_modules(tensors)
+    _check_names(grouped, path)
+    if not grouped:
+        raise SaraFileError(f"{path}: the file holds no tensors")
+    return {name: lora_module_delta(name, grouped[name], path) for name in sorted(grouped)}
+
+
+@dataclasses.dataclass
+class Projection:
+    deltas: list[ModuleDelta]
+    errors: dict[str, float]  # per LoRA module: relative Frobenius error of the projection
+    rel_error: float  # overall
+    kept: int  # nonzero-support entries kept (budget used)
+
+
+def _projection_errors(dense: Mapping[str, torch.Tensor], kept: Mapping[str, torch.Tensor]
+                       ) -> tuple[dict[str, float], float]:
+    """Per module and overall relative Frobenius errors of keeping only the entries `kept` (values)."""
+    errors, total_err, total_norm = {}, 0.0, 0.0
+    for name, matrix in dense.items():
+        norm_sq = float(matrix.to(torch.float64).square().sum())
+        kept_sq = float(kept[name].to(torch.float64).square().sum()) if name in kept else 0.0
+        error_sq = max(norm_sq - kept_sq, 0.0)  # entries are kept exactly or dropped
+        errors[name] = math.sqrt(error_sq / norm_sq) if norm_sq else 0.0
+        total_err, total_norm = total_err + error_sq, total_norm + norm_sq
+    return errors, (math.sqrt(total_err / total_norm) if total_norm else 0.0)
+
+
+def project_onto(dense: Mapping[str, torch.Tensor], support: Mapping[str, tuple[tuple, torch.Tensor]],
+                 path: str = "<lora>") -> Projection:
+    """Native deltas on a given support ({name: (weight shape, sorted int32 indices)}), taking the
+    LoRA's values there (zero for modules the LoRA does not touch). Every LoRA module must exist
+    in `support`'s model with a matching number of entries (a 2-D delta fits a 1x1 conv)."""
+    problems = [name for name in dense if name not in support]
+    problems += [f"{name}: shape {tuple(d.shape)} vs the base's {support[name][0]}" for name, d in dense.items()
+                 if name in support and d.numel() != math.prod(support[name][0])]
+    if problems:
+        raise SaraFileError(f"{path} does not fit the base model (is it for another base?): "
+                            + "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
+    deltas, kept = [], {}
+    for name, (shape, indices) in sorted(support.items()):
+        if not indices.numel():
+            continue
+        if name in dense:
+            values = dense[name].reshape(-1)[indices.long()]
+            kept[name] = values
+        else:
+            values = torch.zeros(indices.numel(), dtype=torch.float32)
+        deltas.append(ModuleDelta(name, tuple(shape), indices.to(torch.int32), values))
+    errors, rel_error = _projection_errors(dense, kept)
+    return Projection(deltas, errors, rel_error, sum(int((v != 0).sum()) for v in kept.values()))
+
+
+def topk_deltas(dense: Mapping[str, torch.Tensor], budget: int) -> Projection:
+    """The `budget` largest-magnitude entries over all modules (one global cut; ties may add a few)."""
+    from .selection import kth_smallest_abs
+
+    tensors = list(dense.values())
+    total = sum(t.numel() for t in tensors)
+    if budget < 1:
+        raise ValueError("--topk-budget must be >= 1")
+    cut = 0.0 if budget >= total else kth_smallest_abs(tensors, total - budget)
+    deltas, kept = [], {}
+    for name, matrix in sorted(dense.items()):
+        flat = matrix.reshape(-1)
+        indices = ((flat.abs() >= cut) & (flat != 0)).nonzero().reshape(-1)
+        if indices.numel():
+            kept[name] = flat[indices]
+            deltas.append(ModuleDelta(name, tuple(matrix.shape), indices.to(torch.int32), flat[indices]))
+    if not deltas:
+        raise SaraFileError("the LoRA is zero everywhere: nothing to keep")
+    errors, rel_error = _projection_errors(dense, kept)
+    return Projection(deltas, errors, rel_error, sum(int(v.numel()) for v in kept.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# merging
+def _scaled_union(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted union of index sets and the scaled sum of their values (fp32)."""
+    indices = torch.cat([i.long() for i, _, _ in parts])
+    values = torch.cat([v.to(torch.float32) * s for _, v, s in parts])
+    union, position = torch.unique(indices, sorted=True, return_inverse=True)
+    summed = torch.zeros(union.numel(), dtype=torch.float32).index_add_(0, position, values)
+    return union.to(torch.int32), summed
+
+
+def merge_natives(files: Sequence[tuple[Sequence[ModuleDelta], float]]) -> list[ModuleDelta]:
+    """One native delta list: per module the union of supports and sum(scale * delta).
+    Progressive-step frozen flags do not survive a merge (they describe one training run)."""
+    by_name: dict[str, list[tuple[ModuleDelta, float]]] = {}
+    for deltas, scale in files:
+        for delta in deltas:
+            by_name.setdefault(delta.name, []).append((delta, float(scale)))
+    merged = []
+    for name in sorted(by_name):
+        items = by_name[name]
+        shapes = {tuple(d.shape) for d, _ in items}
+        if len(shapes) > 1:
+            raise SaraFileError(f"module {name} has different shapes in the merged files: {sorted(shapes)}; "
+                                "they were trained on different base models")
+        shape = items[0][0].shape
+        indices, values = _scaled_union([(d.indices, d.values, s) for d, s in items])
+        bias = [(d.bias_indices, d.bias_values, s) for d, s in items if d.bias_indices is not None]
+        bias_indices, bias_values = _scaled_union(bias) if bias else (None, None)
+        merged.append(ModuleDelta(name, tuple(shape), indices, values, None, bias_indices, bias_values))
+    return merged
+
+
+
+# ---------------------------------------------------------------------------------------------
+# base models: a diffusers folder or a single-file LDM checkpoint, as kohya-named targets
+@dataclasses.dataclass
+class BaseModel:
+    """A base model's Linear / Conv2d weights under kohya names. `models` are the loaded diffusers /
+    transformers models of a folder ({subfolder: model}); `state_dict` is a checkpoint's tensors, and
+    the targets' weights are views into it (so merging into a target patches the checkpoint)."""
+
+    path: str
+    version: str
+    targets: list
+    models: dict = dataclasses.field(default_factory=dict)
+    state_dict: Optional[dict] = None
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {t.name: t.module.weight for t in self.targets}
+
+
+def _stored_dtype(folder: str) -> Optional[torch.dtype]:
+    """The dtype of the first floating tensor of a model subfolder's safetensors (None if unknown)."""
+    import glob
+
+    from safetensors import safe_open
+
+    for file in sorted(glob.glob(f"{folder}/*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_slice(key)
+                dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(tensor.get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
+
+
+def _unet_layout(config: Mapping) -> "ldm_names.UNetLayout":
+    attention = tuple("CrossAttn" in kind for kind in config["down_block_types"])
+    return ldm_names.UNetLayout(int(config["layers_per_block"]), attention)
+
+
+def load_diffusers_folder(path: str, version: Optional[str] = None) -> BaseModel:
+    """The U-Net and text encoders of a diffusers pipeline folder, in their stored dtype. SDXL
+    (a text_encoder_2 is present) gets kohya's LDM U-Net names, as kohya's SDXL trainer writes them."""
+    import os
+
+    import transformers
+    from diffusers import UNet2DConditionModel
+
+    from .naming import UNET_PREFIX, kohya_name, text_encoder_prefixes
+    from .network import Target, all_targets
+
+    if not os.path.isdir(os.path.join(path, "unet")):
+        raise SaraFileError(f"{path}: not a diffusers model folder (no unet/ subfolder)")
+    models = {"unet": UNet2DConditionModel.from_pretrained(
+        path, subfolder="unet", torch_dtype=_stored_dtype(os.path.join(path, "unet")))}
+    for sub in ("text_encoder", "text_encoder_2"):
+        folder = os.path.join(path, sub)
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, "config.json")) as stream:
+                architecture = json.load(stream)["architectures"][0]
+            models[sub] = getattr(transformers, architecture).from_pretrained(folder, dtype=_stored_dtype(folder))
+    encoders = [models[s] for s in ("text_encoder", "text_encoder_2") if s in models]
+    sdxl = "text_encoder_2" in models
+    if version is None:
+        version = ("sdxl_base_v1-0" if sdxl else
+                   "sd_v2" if models["unet"].config.cross_attention_dim == 1024 else "sd_v1")
+    targets = all_targets(models["unet"], encoders, text_encoder_prefixes(encoders) if encoders else [])
+    if ARCH_OF_BASE_MODEL[version] == "sdxl":
+        layout = _unet_layout(models["unet"].config)
+        targets = [Target(kohya_name(UNET_PREFIX, path_), path_, t.module, t.component) if t.component == "unet"
+                   else t for t, path_ in
+                   ((t, ldm_names.diffusers_to_ldm_unet(t.path, layout) if t.component == "unet" else t.path)
+                    for t in targets)]
+    return BaseModel(path, version, targets, models=models)
+
+
+def checkpoint_version(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl_base_v1-0"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd_v2"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "sd_v1"
+    raise SaraFileError("not a Stable Diffusion checkpoint (no model.diffusion_model.* keys); "
+                        "an adapter file cannot be used as a base model")
+
+
+def _weight_module(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.nn.Module:
+    """A Linear / Conv2d shell whose parameters are the given checkpoint tensors (shared, not copied)."""
+    module = (torch.nn.Linear(1, 1, device="meta") if weight.dim() == 2 else torch.nn.Conv2d(1, 1, 1, device="meta"))
+    module.weight = torch.nn.Parameter(weight, requires_grad=False)
+    module.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+    return module
+
+
+def checkpoint_targets(state_dict: Mapping[str, torch.Tensor], version: str) -> list:
+    """kohya-named targets over an LDM checkpoint state dict: every U-Net Linear / Conv2d weight and
+    every text-encoder layer projection (an OpenCLIP fused in_proj gives three targets)."""
+    from .naming import component_of
+    from .network import Target
+
+    arch = ldm_names.get_arch(ARCH_OF_BASE_MODEL[version])
+    targets = []
+    for key, tensor in state_dict.items():
+        if tensor.dim() not in (2, 4) or not key.endswith(("weight", "text_projection")):
+            continue
+        for chunk in ((0, 1, 2) if key.endswith("in_proj_weight") else (None,)):
+            try:
+                name = ldm_names.kohya_name_for_checkpoint_key(key, arch, chunk)
+                prefix, path = ldm_names.split_name(name, arch)
+                target = ldm_names.checkpoint_key(name, arch)
+            except ldm_names.UnknownModuleName:
+                continue
+            if prefix != ldm_names.UNET and not path.startswith(("text_model.encoder.layers.", "text_projection")):
+                continue  # embeddings and norms are not Linear / Conv2d
+            bias = state_dict.get(target.bias_key) if target.bias_key else None
+            module = _weight_module(target.view(tensor), None if bias is None else target.view(bias))
+            targets.append(Target(name, path, module, component_of(name)))
+    return targets
+
+
+def load_checkpoint(path: str, version: Optional[str] = None) -> BaseModel:
+    from .fileformat import read_tensors
+
+    state_dict, metadata = read_tensors(path)
+    version = version or checkpoint_version(state_dict)
+    return BaseModel(path, version, checkpoint_targets(state_dict, version), state_dict=state_dict, metadata=metadata)
+
+
+def load_base(path: str, version: Optional[str] = None) -> BaseModel:
+    """A diffusers folder or a single-file checkpoint (.safetensors, or a tensor-only .ckpt)."""
+    import os
+
+    return load_diffusers_folder(path, version) if os.path.isdir(path) else load_checkpoint(path, version)
+
+
+def preset_support(base: BaseModel, config) -> tuple[dict[str, tuple[tuple, torch.Tensor]], dict]:
+    """The SaRA selection of `config` (threshold / budget / density / preset) on a base model:
+    ({name: (weight shape, indices)}, the network's file metadata: thresholds, base hash, config)."""
+    from .network import SaraNetwork
+    from .presets import load_preset
+
+    rules = load_preset(config.preset)
+    targets = [t for t in base.targets if (rules.unet if t.component == "unet" else rules.text_encoder).matches(t.path)]
+    network = SaraNetwork(config)
+    network.select(targets)
+    support = {m.sara_name: (m.weight_shape, m.indices) for m in network.sara_modules()}
+    return support, network.file_metadata()
+
+
+@torch.no_grad()
+def bake(base: BaseModel, deltas: Sequence[ModuleDelta], source: str = "the SaRA files") -> None:
+    """Add the deltas (scales already folded in) into the base weights: fp32 math, dtypes kept.
+    All-or-nothing: every module must exist in the base with the same shape."""
+    from .network import SaraNetwork
+
+    network = SaraNetwork()
+    network.adopt_deltas(base.targets, deltas, source)
+    network.merge_into_base(1.0)
+
+
+def write_merged(base: BaseModel, output: str) -> None:
+    """Write a baked base model like its input: a checkpoint file, or a diffusers folder (models
+    re-saved as safetensors, every other subfolder copied), atomically (built aside, then renamed)."""
+    import os
+    import shutil
+    import tempfile
+
+    from .fileformat import save_tensors
+
+    if base.state_dict is not None:
+        save_tensors(output, base.state_dict, base.metadata, with_hash=False)
+        return
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
+    try:
+        for entry in os.listdir(base.path):
+            if entry not in base.models:
+                source = os.path.join(base.path, entry)
+                copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
+                copy(source, os.path.join(staging, entry))
+        for sub, model in base.models.items():
+            model.save_pretrained(os.path.join(staging, sub), safe_serialization=True)
+        if os.path.exists(output):
+            shutil.rmtree(output) if os.path.isdir(output) else os.unlink(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
