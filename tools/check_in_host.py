@@ -179,8 +179,7 @@ def check_comfyui(path: str, cases, report: Report) -> None:
 
 def check_patches(host, patches, base, expected, key_map, report, merge) -> None:
     owner = {key: name for name, key in key_map.items()}
-    count = sum(1 for _ in patches)
-    print(f"  {host}: {count} patches")
+    print(f"  {host}: {len(patches)} patches")
     for key, patch in patches.items():
         is_bias = key.endswith(".bias")
         name = owner[key[:-len(".bias")] + ".weight" if is_bias else key]
