@@ -386,8 +386,11 @@ def train(args, accelerator, models: Models, dataset: torch.utils.data.Dataset, 
 
     seed = args.seed if args.seed is not None else 0
     sampler = SeededEpochSampler(len(dataset), seed)
+    # A DataLoader draws a seed from its generator at every epoch; with none it would draw from the
+    # global RNG, which a resumed run restores to the checkpoint's state and must not disturb.
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
-                                             collate_fn=collate, num_workers=args.dataloader_num_workers)
+                                             collate_fn=collate, num_workers=args.dataloader_num_workers,
+                                             generator=torch.Generator().manual_seed(seed))
     # steps per process: accelerate gives each process its share of the batches
     steps_per_epoch = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
