@@ -54,7 +54,7 @@ def cmd_to_lora(args) -> None:
     deltas, metadata = fileformat.load_native(args.input)
     version = _version(deltas, metadata, args.base_model)
     rule = convert.RankRule(args.rank, args.energy, args.max_rel_error, args.max_rank)
-    result = convert.to_lora(deltas, rule, version, args.svd, DTYPES[args.dtype], progress)
+    result = convert.to_lora(deltas, rule, version, args.svd, DTYPES[args.dtype], progress, args.uniform_rank)
     shapes = {d.name: d.shape for d in deltas}
     conv_ranks = [m.rank for m in result.modules if len(shapes[m.name]) == 4]
     extra = {"sara_lora_conversion": json.dumps({"source": os.path.basename(args.input), "svd": args.svd,
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-rank", type=int, help="upper bound on any module's rank")
     sub.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto",
                      help="auto: randomized when the rank bound is small against the matrix, else exact")
+    sub.add_argument("--uniform-rank", action="store_true",
+                     help="pad every module with zeros to the largest rank (exact); needed by diffusers' "
+                          "load_lora_weights when ranks differ (--energy / --max-rel-error)")
     sub.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     sub.add_argument("--show", type=int, default=10, help="print the N modules with the largest error")
     base_model(sub)

@@ -221,6 +221,8 @@ class RankRule:
         if self.rank is not None:
             return cap
         allowed = (1.0 - self.energy) if self.energy is not None else self.max_rel_error ** 2
+        if allowed <= 0:
+            return cap
         tail = total_sq - torch.cumsum(singular_values.to(torch.float64) ** 2, 0)
         reached = (tail <= allowed * total_sq + 1e-12 * total_sq).nonzero()
         return min(cap, int(reached[0]) + 1 if reached.numel() else cap)
@@ -293,23 +295,37 @@ class LoraResult:
                 "dropped_bias_deltas": self.bias_modules, "zero_fillers": self.fillers}
 
 
+def pad_rank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product with `rank` components (zero rows / columns added)."""
+    extra = rank - down.shape[0]
+    up = torch.cat([up, up.new_zeros(up.shape[0], extra, *up.shape[2:])], 1)
+    return up, torch.cat([down, down.new_zeros(extra, *down.shape[1:])], 0)
+
+
 def to_lora(deltas: Sequence[ModuleDelta], rule: RankRule, version: str, method: str = "auto",
-            dtype: torch.dtype = torch.float16, progress: Progress = _no_progress) -> LoraResult:
-    """kohya LoRA tensors of native deltas (all-zero modules are left out)."""
-    tensors, modules = {}, []
+            dtype: torch.dtype = torch.float16, progress: Progress = _no_progress, uniform: bool = False) -> LoraResult:
+    """kohya LoRA tensors of native deltas (all-zero modules are left out). `uniform` pads every
+    module with zeros to the largest rank: diffusers (0.42) loads a kohya file's mid_block attention
+    alphas under wrong names and then scales those modules by common_alpha / rank, which is only
+    right when every rank is the same."""
+    factors, modules = {}, []
     for delta in progress(deltas, desc="SVD", unit="module"):
         dense = delta.dense(torch.float32)
         norm_sq = float(dense.to(torch.float64).square().sum())
         if norm_sq == 0.0:
             continue
         up, down, error_sq = lora_factors(dense, rule, method, dtype)
-        rank = down.shape[0]
-        tensors[f"{delta.name}.lora_up.weight"] = up
-        tensors[f"{delta.name}.lora_down.weight"] = down
-        tensors[f"{delta.name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
-        modules.append(LoraModule(delta.name, rank, error_sq, norm_sq))
+        factors[delta.name] = (up, down)
+        modules.append(LoraModule(delta.name, down.shape[0], error_sq, norm_sq))
     if not modules:
         raise SaraFileError("every delta in the file is zero: there is nothing to convert")
+    tensors = {}
+    for name, (up, down) in factors.items():
+        if uniform:
+            up, down = pad_rank(up, down, max(m.rank for m in modules))
+        tensors[f"{name}.lora_up.weight"] = up
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
     shapes = {m.name: next(d.shape for d in deltas if d.name == m.name) for m in modules}
     fillers = open_clip_fillers(shapes, version)
     for name, shape in fillers.items():
