@@ -1,0 +1,181 @@
+"""The `sara` command line end to end on real files: each subcommand, and bad inputs that must fail
+with a clear message, a non-zero exit status and nothing written."""
+import json
+import os
+
+import pytest
+import torch
+
+import models
+from sara_network import cli, convert, fileformat
+from sara_network.naming import text_encoder_prefixes
+from sara_network.network import all_targets
+from test_convert import ldm_checkpoint, trained_native
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A trained SD1 native file, its LDM checkpoint, a diffusers folder, and an SDXL native file."""
+    folder = tmp_path_factory.mktemp("cli")
+    m, _ = trained_native("sd1", folder / "sara.safetensors")
+    fileformat.save_tensors(str(folder / "base.safetensors"), ldm_checkpoint(m, "sd_v1"), {}, with_hash=False)
+    m.unet.save_pretrained(folder / "base_folder" / "unet")
+    m.text_encoders[0].save_pretrained(folder / "base_folder" / "text_encoder")
+    xl, _ = trained_native("sdxl", folder / "xl.safetensors")
+    fileformat.save_tensors(str(folder / "xl_base.safetensors"), ldm_checkpoint(xl, "sdxl_base_v1-0"), {},
+                            with_hash=False)
+    return folder
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+def test_to_lora_and_back(files, tmp_path, capsys):
+    lora = tmp_path / "lora.safetensors"
+    assert run("to-lora", files / "sara.safetensors", lora, "--rank", 4) == 0
+    out = capsys.readouterr().out
+    assert "overall relative Frobenius error" in out
+    tensors, metadata = fileformat.read_tensors(str(lora))
+    assert metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert metadata["ss_network_dim"] == metadata["ss_network_alpha"] == "4"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.sai_model_spec"] == "1.0.1"
+    assert "sara_format" not in metadata
+    report = json.loads(metadata["sara_lora_conversion"])
+    assert f"{report['rel_error']:.4%}" in out
+    assert metadata["sshs_model_hash"] == fileformat.tensor_data_hash(lora.read_bytes())
+
+    native = tmp_path / "start.safetensors"
+    assert run("from-lora", lora, native, "--base", files / "base.safetensors", "--density", "0.05") == 0
+    deltas, meta = fileformat.load_native(str(native))
+    assert json.loads(meta["sara_projection"])["rel_error"] > 0 and meta["sara_base_hash"]
+    assert run("from-lora", lora, tmp_path / "top.safetensors", "--topk-budget", "2k") == 0
+    assert sum(d.indices.numel() for d in fileformat.load_native(str(tmp_path / "top.safetensors"))[0]) == 2000
+
+
+def test_to_diff_from_diff_exact(files, tmp_path):
+    diff = tmp_path / "d.safetensors"
+    assert run("to-diff", files / "sara.safetensors", diff) == 0
+    tensors, metadata = fileformat.read_tensors(str(diff))
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert run("from-diff", diff, tmp_path / "n.safetensors") == 0
+    original = {d.name: d.dense() for d in fileformat.load_native(str(files / "sara.safetensors"))[0]}
+    back = fileformat.load_native(str(tmp_path / "n.safetensors"))[0]
+    assert {d.name for d in back} == set(original)
+    assert all(torch.equal(d.dense(), original[d.name]) for d in back)
+
+
+def test_sdxl_open_clip_fillers(files, tmp_path):
+    deltas, _ = fileformat.load_native(str(files / "xl.safetensors"))
+    # drop the k_proj of one OpenCLIP attention layer: A1111 needs q, k, v and out together
+    dropped = "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"
+    partial = [d for d in deltas if d.name != dropped]
+    fileformat.save_native(str(tmp_path / "partial.safetensors"), partial, None,
+                           {"ss_base_model_version": "sdxl_base_v1-0"})
+    assert run("to-diff", tmp_path / "partial.safetensors", tmp_path / "d.safetensors") == 0
+    tensors, metadata = fileformat.read_tensors(str(tmp_path / "d.safetensors"))
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert not tensors[f"{dropped}.diff"].any()
+    assert run("to-lora", tmp_path / "partial.safetensors", tmp_path / "l.safetensors", "--rank", "2") == 0
+    assert f"{dropped}.lora_up.weight" in fileformat.read_tensors(str(tmp_path / "l.safetensors"))[0]
+
+
+@pytest.mark.parametrize("base", ["base.safetensors", "base_folder"])
+def test_merge_into_base(files, tmp_path, base):
+    output = tmp_path / ("merged.safetensors" if base.endswith(".safetensors") else "merged")
+    assert run("merge", f"{files / 'sara.safetensors'}:0.6", f"{files / 'sara.safetensors'}:0.4",
+               "--base", files / base, "-o", output) == 0
+    merged = convert.load_base(str(output))
+    original = convert.load_base(str(files / base)).weights()
+    for delta in fileformat.load_native(str(files / "sara.safetensors"))[0]:
+        torch.testing.assert_close(merged.weights()[delta.name].float(),
+                                   original[delta.name].float() + delta.dense(), atol=1e-6, rtol=1e-5)
+
+
+def test_merge_natives_and_sdxl_checkpoint(files, tmp_path):
+    assert run("merge", f"{files / 'xl.safetensors'}:0.5", f"{files / 'xl.safetensors'}:-0.5",
+               "-o", tmp_path / "zero.safetensors") == 0
+    assert all(not d.values.any() for d in fileformat.load_native(str(tmp_path / "zero.safetensors"))[0])
+    assert run("merge", f"{files / 'xl.safetensors'}:2", "--base", files / "xl_base.safetensors",
+               "-o", tmp_path / "xl.safetensors") == 0
+    merged = convert.load_checkpoint(str(tmp_path / "xl.safetensors")).weights()
+    original = convert.load_checkpoint(str(files / "xl_base.safetensors")).weights()
+    for delta in fileformat.load_native(str(files / "xl.safetensors"))[0]:
+        torch.testing.assert_close(merged[delta.name], original[delta.name] + 2 * delta.dense())
+
+
+def test_inspect_and_analyze(files, tmp_path, capsys):
+    assert run("inspect", files / "sara.safetensors", "--base", files / "base_folder", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "native" and report["modules"] > 50
+    assert report["base"]["fits"] and report["base"]["hash_matches"] is True
+    assert 0.04 < report["density"] < 0.06
+    plot = tmp_path / "w.png"
+    assert run("analyze", files / "base.safetensors", "--budget", "10k", "--plot", plot) == 0
+    out = capsys.readouterr().out
+    assert "overall" in out and "selects 10,000" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def bad_cases(files, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((files / "sara.safetensors").read_bytes()[:-100])
+    lora = tmp_path / "lora.safetensors"
+    assert run("to-lora", files / "sara.safetensors", lora, "--rank", 2) == 0
+    odd = tmp_path / "odd.safetensors"
+    fileformat.save_tensors(str(odd), {"lora_unet_x.weird": torch.zeros(2)}, {})
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"keep")
+    out = tmp_path / "out.safetensors"
+    return [
+        (["to-lora", truncated, out, "--rank", 2], "truncated"),
+        (["to-lora", lora, out, "--rank", 2], "LoRA"),
+        (["to-diff", lora, out], "LoRA"),
+        (["from-diff", lora, out], "from-lora"),
+        (["from-lora", files / "sara.safetensors", out, "--topk-budget", 10], "native"),
+        (["from-lora", odd, out, "--topk-budget", 10], "suffixes"),
+        (["from-diff", odd, out], "suffixes"),
+        (["from-lora", lora, out, "--base", files / "xl_base.safetensors"], "another base"),
+        (["from-lora", lora, out], "--base"),
+        (["merge", files / "sara.safetensors", "--base", files / "xl_base.safetensors", "-o", out], "sd_v1"),
+        (["merge", files / "xl.safetensors", "--base", files / "base.safetensors", "-o", out], "sdxl"),
+        (["merge", files / "sara.safetensors", "--base", lora, "-o", out], "checkpoint"),
+        (["inspect", files / "sara.safetensors", "--base", files / "xl_base.safetensors"], "does not fit"),
+        (["to-diff", files / "sara.safetensors", existing], "--overwrite"),
+    ], out, existing
+
+
+def test_bad_inputs_fail_cleanly(files, tmp_path, capsys):
+    cases, out, existing = bad_cases(files, tmp_path)
+    capsys.readouterr()
+    for argv, message in cases:
+        assert run(*argv) == 1, argv
+        error = capsys.readouterr().err
+        assert "error:" in error and message in error, (argv, error)
+        assert not out.exists(), argv
+    assert existing.read_bytes() == b"keep"
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+
+
+def test_tools_script_runs(files, tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "tools", "sara_cli.py")
+    result = subprocess.run([sys.executable, script, "inspect", str(files / "sara.safetensors")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "kind: native" in result.stdout
+    bad = subprocess.run([sys.executable, script, "to-diff", str(tmp_path / "missing.safetensors"),
+                          str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "no such file" in bad.stderr
