@@ -15,7 +15,7 @@ from PIL import Image
 
 import sara_network
 from sara_network import hf
-from sara_network.fileformat import load_native
+from sara_network.fileformat import load_native, read_tensors
 from test_hf import save_tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,8 +116,12 @@ def test_dreambooth_with_generated_class_images(workspace):
                "--class_prompt", "a cat", "--num_class_images", 3, "--class_generation_steps", 2,
                "--sample_batch_size", 2, "--resolution", 16, "--center_crop", "--max_train_steps", 2,
                "--learning_rate", 1e-3, "--seed", 0, "--sara_threshold", 5e-3, "--output_dir", output,
-               "--checkpointing_steps", 100)
+               "--checkpointing_steps", 100, "--export_lora_rank", 2)
     assert sorted(os.listdir(classes)) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    lora, lora_metadata = read_tensors(os.path.join(output, "sara_weights_lora_r2.safetensors"))
+    assert lora_metadata["ss_network_module"] == "networks.lora" and lora_metadata["ss_base_model_version"] == "sd_v1"
+    downs = [t for k, t in lora.items() if k.endswith(".lora_down.weight")]
+    assert downs and all(t.shape[0] <= 2 for t in downs)
     deltas, metadata = deltas_of(os.path.join(output, "sara_weights.safetensors"))
     assert metadata["ss_instance_prompt"] == "a sks cat" and metadata["sara_optimizer_steps"] == "2"
     assert {d.values.dtype for d in deltas.values()} == {torch.float32}

@@ -131,17 +131,31 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def lora_exporter() -> Callable:
-    """sara_network.convert's native -> kohya LoRA function, or a RuntimeError saying it is missing."""
+    """The native -> kohya LoRA export (`sara to-lora`), or a RuntimeError saying it is missing."""
     try:
-        from sara_network import convert
+        from sara_network import cli, convert  # noqa: F401
     except ImportError:
-        convert = None
-    for name in ("native_to_lora_file", "export_lora_file", "native_to_lora", "to_lora"):
-        function = getattr(convert, name, None)
-        if callable(function):
-            return function
-    raise RuntimeError("--export_lora_rank needs sara_network.convert (the native -> LoRA converter), which this "
-                       "sara-network does not have yet; train without it and convert the SaRA file later")
+        raise RuntimeError("--export_lora_rank needs sara_network.convert (the native -> LoRA converter), which "
+                           "this sara-network does not have; train without it and convert the file later") from None
+    return export_lora
+
+
+def export_lora(native_path: str, lora_path: str, rank: int, base_model_version: str) -> None:
+    """Write a kohya-format LoRA of `rank` (truncated SVD per module) of a native file, with the
+    metadata the UIs read, exactly as `sara to-lora --rank N` does."""
+    from sara_network import cli
+
+    status = cli.main(["to-lora", native_path, lora_path, "--rank", str(rank), "--overwrite",
+                       "--base-model", base_model_version, "--show", "0"])
+    if status != 0:
+        raise RuntimeError(f"the LoRA export of {native_path} failed (see the message above)")
+
+
+def base_model_version(models: "Models") -> str:
+    """kohya's ss_base_model_version of an SD 1.x / 2.x model."""
+    if models.unet.config.cross_attention_dim == 1024:
+        return "sd_v2_v" if models.noise_scheduler.config.prediction_type == "v_prediction" else "sd_v2"
+    return "sd_v1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,13 +525,14 @@ def train(args, accelerator, models: Models, dataset: torch.utils.data.Dataset, 
     if accelerator.is_main_process:
         network.unpatch()
         metadata = {"ss_sd_model_name": args.pretrained_model_name_or_path,
+                    "ss_base_model_version": base_model_version(models),
                     "ss_steps": str(global_step), "ss_resolution": str(args.resolution),
                     "ss_learning_rate": str(args.learning_rate), **(extra_metadata or {})}
         network.save(final_path, SAVE_DTYPES[args.save_precision], metadata)
         logger.info(f"saved {final_path}")
         if args.export_lora_rank is not None:
             lora_path = os.path.join(args.output_dir, f"{args.output_name}_lora_r{args.export_lora_rank}.safetensors")
-            lora_exporter()(final_path, lora_path, args.export_lora_rank)
+            lora_exporter()(final_path, lora_path, args.export_lora_rank, base_model_version(models))
             logger.info(f"saved {lora_path}")
         if args.validation_prompt:
             final_validation(args, accelerator, final_path, weight_dtype)
