@@ -113,12 +113,14 @@ def plot_analysis(result: Analysis, path: str, title: str = "") -> None:
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(11, 9), gridspec_kw={"height_ratios": [1, 1.3]})
     top.bar(centers, (result.histogram / result.total).tolist(), width=width, color="#4477aa")
     top.set_yscale("log")
+    occupied = result.histogram.nonzero().reshape(-1)
+    top.set_xlim(low + (int(occupied[0]) - 2) * width, low + (int(occupied[-1]) + 3) * width)
     top.set_xlabel("log10 |w|")
     top.set_ylabel("fraction of weights")
     for threshold, count in zip(result.thresholds, result.below):
         top.axvline(math.log10(threshold), color="#999999", linestyle=":", linewidth=1)
-        top.text(math.log10(threshold), 1.02, f"{threshold:g}\n{count / result.total:.1%}",
-                 transform=top.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
+        top.text(math.log10(threshold), 0.97, f" {threshold:g}: {count / result.total:.2%}", rotation=90,
+                 transform=top.get_xaxis_transform(), ha="right", va="top", fontsize=7)
     top.axvline(math.log10(result.selected_threshold), color="#cc3311", linewidth=1.5,
                 label=f"selection threshold {result.selected_threshold:.4g} "
                       f"({result.selected / result.total:.2%} of {result.total:,d})")
