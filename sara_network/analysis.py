@@ -205,7 +205,7 @@ def base_match(modules: Mapping[str, dict], metadata: Mapping[str, str], base: "
     fits = not missing and not mismatched
     base_hash = fileformat.base_fingerprint((n, weights[n]) for n in modules) if fits else None
     return {"fits": fits, "missing": missing, "shape_mismatches": mismatched, "file_base_hash": file_hash,
-            "base_hash": base_hash, "hash_matches": None if not (file_hash and base_hash) else file_hash == base_hash}
+            "base_hash": base_hash, "hash_matches": fileformat.same_base(file_hash, base_hash)}
 
 
 def inspect_file(path: str, base: Optional["convert.BaseModel"] = None) -> dict:

@@ -13,6 +13,7 @@ anything is returned, and never unpickle.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -89,20 +90,37 @@ def mask_to_indices(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # hashes
-def base_fingerprint(named_weights: Iterable[tuple[str, torch.Tensor]], samples: int = 256) -> str:
-    """A cheap identity of base weights: names, shapes and an fp16-rounded strided sample of each.
+def base_fingerprint(named_weights: Iterable[tuple[str, torch.Tensor]], samples: int = 8) -> str:
+    """A cheap identity of base weights: a hash of names and shapes, plus a few strided values of
+    each weight (fp16, base64), compared with a tolerance by `same_base`.
 
-    fp16 rounding makes an fp32 and an fp16 copy of the same model agree; it is a warning aid, not
-    a cryptographic commitment (hashing 860M weights would cost seconds at every load).
+    Exact hashes of values cannot work across dtypes (an fp32, fp16 and bf16 copy of one model round
+    differently); a warning aid, not a cryptographic commitment.
     """
     digest = hashlib.sha256()
+    values = []
     for name, weight in sorted(named_weights, key=lambda item: item[0]):
         flat = weight.detach().reshape(-1)
         step = max(1, flat.numel() // samples)
-        sample = flat[::step][:samples].to(torch.float32).to(torch.float16).cpu()
+        values.append(flat[::step][:samples].to(torch.float32).cpu())
         digest.update(f"{name}:{tuple(weight.shape)};".encode())
-        digest.update(sample.view(torch.int16).numpy().tobytes())
-    return "sha256:" + digest.hexdigest()[:32]
+    sample = torch.cat(values).to(torch.float16) if values else torch.zeros(0, dtype=torch.float16)
+    encoded = base64.b64encode(sample.view(torch.int16).numpy().tobytes()).decode()
+    return f"sha256:{digest.hexdigest()[:32]}:{encoded}"
+
+
+def same_base(first: Optional[str], second: Optional[str], rtol: float = 1e-2, atol: float = 1e-5) -> Optional[bool]:
+    """Whether two fingerprints describe the same base model (None when either is missing)."""
+    if not first or not second:
+        return None
+    try:
+        structure_a, sample_a = first.rsplit(":", 1)
+        structure_b, sample_b = second.rsplit(":", 1)
+        a = torch.frombuffer(bytearray(base64.b64decode(sample_a)), dtype=torch.float16).float()
+        b = torch.frombuffer(bytearray(base64.b64decode(sample_b)), dtype=torch.float16).float()
+    except (ValueError, TypeError):
+        return first == second
+    return structure_a == structure_b and a.shape == b.shape and bool(torch.allclose(a, b, rtol=rtol, atol=atol))
 
 
 def tensor_data_hash(serialized: bytes) -> str:

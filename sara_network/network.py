@@ -409,7 +409,7 @@ class SaraNetwork(nn.Module):
         return given
 
     def check_base_hash(self, file_hash: Optional[str], source: str) -> bool:
-        if file_hash and self.base_hash and file_hash != self.base_hash:
+        if fileformat.same_base(file_hash, self.base_hash) is False:
             logger.warning(f"{source} was trained on a different base model (base hash {file_hash}, "
                            f"this model {self.base_hash}); the deltas are applied anyway")
             return False
