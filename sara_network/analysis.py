@@ -8,9 +8,10 @@ whether a base model fits it.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from collections import OrderedDict
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -19,10 +20,6 @@ from .naming import component_of
 
 HISTOGRAM_RANGE = (-10.0, 1.0)  # log10 |w|
 HISTOGRAM_BINS = 220
-
-
-def _no_progress(items: Iterable, **_: object) -> Iterable:
-    return items
 
 
 def block_name(kohya_name: str) -> str:
@@ -71,7 +68,7 @@ class Analysis:
 
 
 def analyze(source, thresholds: Sequence[float] = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
-            budget: Optional[int] = None, progress: Callable = _no_progress) -> Analysis:
+            budget: Optional[int] = None, progress: Callable = convert._no_progress) -> Analysis:
     """|w| statistics of a base model (see named_weights for what `source` may be)."""
     weights = named_weights(source)
     if not weights:
@@ -134,13 +131,10 @@ def plot_analysis(result: Analysis, path: str, title: str = "") -> None:
     bottom.legend(fontsize=8)
     figure.suptitle(title or "SaRA: |w| distribution of the base model")
     figure.tight_layout()
-    from .fileformat import atomic_write_bytes
-    import io
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    fileformat.atomic_write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------

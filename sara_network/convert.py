@@ -50,6 +50,7 @@ Progress = Callable[[Iterable], Iterable]
 
 
 def _no_progress(items: Iterable, **_: object) -> Iterable:
+    """The default progress hook: none (cli.progress passes tqdm)."""
     return items
 
 

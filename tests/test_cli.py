@@ -6,10 +6,7 @@ import os
 import pytest
 import torch
 
-import models
 from sara_network import cli, convert, fileformat
-from sara_network.naming import text_encoder_prefixes
-from sara_network.network import all_targets
 from test_convert import ldm_checkpoint, trained_native
 
 
