@@ -10,14 +10,6 @@ from sara_network import cli, convert, fileformat
 from test_convert import ldm_checkpoint, trained_native
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A trained SD1 native file, its LDM checkpoint, a diffusers folder, and an SDXL native file."""

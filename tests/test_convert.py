@@ -17,16 +17,6 @@ KINDS = {"sd1": models.tiny_sd1, "sdxl": models.tiny_sdxl}
 VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second thread only adds OpenMP contention on a shared 2-core machine
-    (LAPACK's SVD of a 64x576 matrix takes 1 s with 2 busy threads, 13 ms with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained_native(kind, path, seed=0, density="0.05", **args):
     """A native file as training writes it: SaRA selection on the tiny model, random deltas."""
     m = KINDS[kind]()
