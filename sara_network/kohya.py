@@ -46,8 +46,24 @@ class SaraKohyaNetwork(SaraNetwork):
         self._models = (list(text_encoders), unet)  # a tuple attribute: not registered as children
         self._pending_deltas = None  # from create_network_from_weights, adopted at apply_to
         self._applied = False
+        self._apply_flags = (True, True)  # (text encoders, U-Net) as kohya's apply_to asked
         self._args = None
         self._optimized: list[torch.nn.Parameter] = []
+
+    # --- accelerate state (--save_state / --resume) ------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        """Tolerate the empty progressive-step buffers that accelerate's save_state drops.
+
+        Every empty tensor has storage pointer 0, so accelerate's `clean_state_dict_for_safetensors`
+        takes all empty `frozen_positions` / `frozen_values` buffers (every module before the
+        progressive step, the untouched ones after it) for aliases of one another and saves only
+        one of them; `--resume` then failed with "Missing key(s)". Only empty tensors alias that
+        way, so a missing one of these buffers means "nothing frozen"."""
+        state_dict = dict(state_dict)
+        for name, buffer in self.named_buffers():
+            if name not in state_dict and name.rsplit(".", 1)[-1] in ("frozen_positions", "frozen_values"):
+                state_dict[name] = buffer.new_zeros(0)
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
     # --- set-up -------------------------------------------------------------------------------
     def prepare_network(self, args) -> None:
@@ -77,6 +93,7 @@ class SaraKohyaNetwork(SaraNetwork):
         self._models = (text_encoders, unet)
         apply_text_encoder = apply_text_encoder is not False and bool(text_encoders)
         apply_unet = apply_unet is not False and unet is not None
+        self._apply_flags = (apply_text_encoder, apply_unet)
         if not self._applied:
             targets = self._targets(text_encoders, unet, apply_text_encoder, apply_unet, self.config.preset)
             if self._pending_deltas is not None:
@@ -95,7 +112,22 @@ class SaraKohyaNetwork(SaraNetwork):
         """Load a native file (resume / --network_weights). Its support replaces the selection."""
         deltas, metadata = fileformat.load_native(file)
         text_encoders, unet = self._models
-        targets = all_targets(unet, text_encoders, text_encoder_prefixes(text_encoders) if text_encoders else [])
+        apply_text_encoder, apply_unet = self._apply_flags
+        prefixes = text_encoder_prefixes(text_encoders) if text_encoders else []
+        # Only the components apply_to was asked to train (--network_train_unet_only /
+        # --network_train_text_encoder_only): kohya runs the other one without gradients, so its
+        # deltas would be moved by the rank term alone. Like kohya's LoRA, leave them out.
+        targets = all_targets(unet if apply_unet else None, text_encoders if apply_text_encoder else [], prefixes)
+        if not (apply_text_encoder and apply_unet):
+            kept = [d for d in deltas if d.name.startswith("lora_unet_") == bool(apply_unet)]
+            untrained = "text encoder" if apply_unet else "U-Net"
+            if len(kept) < len(deltas):
+                logger.info(f"SaRA: {len(deltas) - len(kept)} {untrained} modules of {file} are not loaded: "
+                            f"the {untrained} is not trained in this run")
+            deltas = kept
+            if not deltas:
+                trained = "U-Net" if apply_unet else "text encoders"
+                raise fileformat.SaraFileError(f"{file} has no modules for the {trained} trained in this run")
         self.adopt_deltas(targets, deltas, file)
         self.adopt_file_settings(metadata)
         self._applied = True
@@ -172,6 +204,7 @@ class SaraKohyaNetwork(SaraNetwork):
         if not self._applied:
             self.apply_to(text_encoder, unet)
         self.merge_into_base()
+        self.detach_optimizer_hooks()  # a merged network trains nothing; apply_to registered global hooks
         logger.info(f"SaRA: merged {len(self.sara_modules())} modules at multiplier {self.multiplier}")
 
     def apply_max_norm_regularization(self, max_norm_value, device=None):
