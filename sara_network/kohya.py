@@ -51,20 +51,6 @@ class SaraKohyaNetwork(SaraNetwork):
         self._optimized: list[torch.nn.Parameter] = []
 
     # --- accelerate state (--save_state / --resume) ------------------------------------------
-    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
-        """Tolerate the empty progressive-step buffers that accelerate's save_state drops.
-
-        Every empty tensor has storage pointer 0, so accelerate's `clean_state_dict_for_safetensors`
-        takes all empty `frozen_positions` / `frozen_values` buffers (every module before the
-        progressive step, the untouched ones after it) for aliases of one another and saves only
-        one of them; `--resume` then failed with "Missing key(s)". Only empty tensors alias that
-        way, so a missing one of these buffers means "nothing frozen"."""
-        state_dict = dict(state_dict)
-        for name, buffer in self.named_buffers():
-            if name not in state_dict and name.rsplit(".", 1)[-1] in ("frozen_positions", "frozen_values"):
-                state_dict[name] = buffer.new_zeros(0)
-        return super().load_state_dict(state_dict, strict=strict, **kwargs)
-
     # --- set-up -------------------------------------------------------------------------------
     def prepare_network(self, args) -> None:
         """kohya hands over its args; max_train_steps is read when the progressive step is due

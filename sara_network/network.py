@@ -200,10 +200,15 @@ class SaraModule(nn.Module):
             self.delta.data.index_put_((self.frozen_positions,), self.frozen_values.to(self.delta.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The frozen set grows at the progressive step: resize before the default copy.
+        """The frozen set grows at the progressive step: resize before the default copy.
+
+        A missing frozen buffer means "nothing frozen": accelerate's save_state takes all empty
+        tensors (storage pointer 0) for aliases of one another and writes only one of them."""
         for name in ("frozen_positions", "frozen_values"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = getattr(self, name).new_zeros(0)
+            saved = state_dict[prefix + name]
+            if saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=self.indices.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -499,7 +504,8 @@ class SaraNetwork(nn.Module):
     def rank_eligible(self) -> list[SaraModule]:
         min_dim = self.config.rank_min_dim
         return [m for m in self.sara_modules()
-                if len(m.weight_shape) == 2 and min(m.weight_shape) > min_dim and m.delta.requires_grad]
+                if len(m.weight_shape) == 2 and min(m.weight_shape) > min_dim and m.delta.requires_grad
+                and m.delta.grad is not None]  # a layer the step did not train keeps its deltas
 
     @torch.no_grad()
     def apply_rank_gradients(self) -> None:

@@ -182,6 +182,9 @@ def test_resume_equality_across_the_progressive_step(kind):
     train_steps(m, network, optimizer, 2)
     state = copy.deepcopy(network.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
+    # accelerate's save_state keeps only one of several empty tensors (they alias at pointer 0)
+    for key in [k for k, v in state.items() if k.endswith(("frozen_positions", "frozen_values")) and not v.numel()]:
+        del state[key]
 
     m = KINDS[kind]()
     resumed = make_network(m, args)
@@ -236,7 +239,9 @@ def test_progressive_step_freezes_exactly():
 def nuclear_norm_of_masked(network, include_base: bool):
     """Sum over eligible layers of ||masked update|| (or ||masked weights||) _*, recomputed densely."""
     total = 0.0
-    for mod in network.rank_eligible():
+    for mod in network.children():
+        if len(mod.weight_shape) != 2 or min(mod.weight_shape) <= 16:
+            continue
         entries = mod.pinned_delta().detach() + (mod.base_values.float() if include_base else 0)
         dense = torch.zeros(mod.weight_shape).view(-1).index_put((mod.indices.long(),), entries)
         total += float(torch.linalg.matrix_norm(dense.view(mod.weight_shape), ord="nuc"))
