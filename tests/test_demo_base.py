@@ -8,7 +8,7 @@ from sara_network.demo.model import build_unet, denoising_loss, load_base, sampl
 
 def test_splits_are_disjoint_with_documented_sizes():
     data = splits()
-    parts = {"pretrain": data.pretrain, "old_eval": data.old_eval, "new_train": data.new_train, "new_eval": data.new_eval}
+    parts = {name: getattr(data, name) for name in ("pretrain", "old_eval", "new_train", "new_eval")}
     assert {name: len(split) for name, split in parts.items()} == {
         "pretrain": 1363,
         "old_eval": 80,

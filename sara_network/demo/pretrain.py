@@ -1,6 +1,6 @@
 """Pretrain the demo base bit-for-bit reproducibly on CPU.
 
-    python -m sara_network.demo.pretrain            # writes digits_base.safetensors + digits_base.json (~7 min, 2 cores)
+    python -m sara_network.demo.pretrain            # writes digits_base.safetensors + .json (15-30 min on CPU)
     python -m sara_network.demo.pretrain --check    # rebuilds into a temp file and compares its sha256 with the json
 
 Reproducibility comes from a fixed step count (not wall time), fixed seeds, deterministic algorithms and a fixed
@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from .data import NULL_CLASS, OLD_CLASSES, splits
-from .model import BASE_PATH, METADATA_KEY, UNET_CONFIG, build_scheduler, build_unet, denoising_loss, sample, save_grid_png
+from .model import (
+    BASE_PATH,
+    METADATA_KEY,
+    UNET_CONFIG,
+    build_scheduler,
+    build_unet,
+    denoising_loss,
+    sample,
+    save_grid_png,
+)
 
 
 SEED = 0
