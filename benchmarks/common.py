@@ -1,0 +1,93 @@
+"""Shared helpers of the benchmark scripts: markdown tables, result files, environment notes."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    def cell(value) -> str:
+        if value is None:
+            return "—"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """The first markdown table in `text`: (columns, rows of cell strings). Used by the tests."""
+    lines = [line.strip() for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([c.strip() for c in line.strip("|").split("|")])
+    return table[0], [row for row in table[2:]]
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("torch", "diffusers", "transformers", "peft", "lycoris", "bitsandbytes"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version({"lycoris": "lycoris-lora"}.get(name, name))
+        except Exception as error:  # noqa: BLE001 - only reported
+            out[name] = f"unavailable ({type(error).__name__})"
+    return out
+
+
+def machine() -> dict:
+    info = {"cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    info["loadavg_at_start"] = os.getloadavg()
+    return info
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def write_results(out_dir: Path, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    md.write_text(markdown)
+    js.write_text(json.dumps(data, indent=1, default=str))
+    return md, js
+
+
+def header(title: str, command: str, smoke: bool) -> str:
+    lines = [f"# {title}", "", f"Command: `{command}`", "",
+             f"Commit {git_commit()}; versions {json.dumps(versions())}; machine {json.dumps(machine())}", ""]
+    if smoke:
+        lines += ["**SMOKE MODE: tiny sizes, the numbers mean nothing.**", ""]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])

@@ -1,0 +1,98 @@
+"""The benchmark scripts run in smoke mode and write well-formed result tables (not timings)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import parse_markdown_table  # noqa: E402
+
+
+def run_smoke(script: str, out: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def tables(text: str) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Every '## heading' followed by a table, parsed."""
+    found = {}
+    for section in text.split("\n## ")[1:]:
+        title = section.splitlines()[0].strip()
+        if "|" in section:
+            found[title] = parse_markdown_table(section)
+    return found
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    for script in ("memory_speed.py", "quality.py", "premise.py"):
+        run_smoke(script, out)
+    return out
+
+
+def test_memory_speed_tables(smoke_out):
+    text = (smoke_out / "memory_speed.md").read_text()
+    assert "SMOKE MODE" in text
+    found = tables(text)
+    train = next(v for k, v in found.items() if k.startswith("Training step"))
+    columns, rows = train
+    for column in ("method", "trainable", "optimizer", "grad ckpt", "batch", "peak RSS GiB", "median step s",
+                   "peak / LoRA", "step time / LoRA"):
+        assert column in columns
+    assert all(len(row) == len(columns) for row in rows)
+    methods = {row[0].split()[0] for row in rows}
+    assert {"sara", "lora", "full", "locon", "shira"} <= methods
+    lora = next(row for row in rows if row[0].startswith("lora") and row[3] == "adamw8bit")
+    assert float(lora[columns.index("peak / LoRA")]) == 1.0
+    sara = next(row for row in rows if row[0] == "sara")
+    assert sara[columns.index("trainable")] == "5,000"  # the SaRA budget is exact
+    for row in rows:
+        assert float(row[columns.index("peak RSS GiB")]) > 0
+        assert float(row[columns.index("median step s")]) > 0
+    overhead_cols, overhead = next(v for k, v in found.items() if k.startswith("Per-step overhead"))
+    assert {row[0].split()[0] for row in overhead} == {"frozen", "sara_x", "sara", "lora"}
+    assert float(next(r for r in overhead if r[0] == "frozen")[overhead_cols.index("time / frozen")]) == 1.0
+    export_cols, export = next(v for k, v in found.items() if k.startswith("LoRA export"))
+    assert export and export[0][export_cols.index("exit status")] == "0"
+    assert "Configurations that failed" not in text
+    records = json.loads((smoke_out / "memory_speed.json").read_text())["records"]
+    assert not [r for r in records if "error" in r]
+    assert (smoke_out / "memory_speed.png").stat().st_size > 0
+
+
+def test_quality_tables(smoke_out):
+    text = (smoke_out / "quality.md").read_text()
+    found = tables(text)
+    columns, rows = found["Results"]
+    for column in ("method", "lr", "trainable", "seeds", "new-class loss ↓ (mean)", "forgetting Δold ↓ (mean)",
+                   "sample acc"):
+        assert column in columns
+    assert [row[0].split()[0] for row in rows] == ["sara", "sara_plain", "lora", "locon", "full"]
+    for row in rows:
+        float(row[columns.index("new-class loss ↓ (mean)")])
+        float(row[columns.index("forgetting Δold ↓ (mean)")])
+    comparison = next(v for k, v in found.items() if "minus SaRA" in k)
+    assert len(comparison[1]) == 4
+    records = json.loads((smoke_out / "quality.json").read_text())["records"]
+    assert all(r["old_rows_unchanged"] for r in records)  # class-embedding rows 0-7 stay frozen
+    assert (smoke_out / "quality_samples.png").stat().st_size > 0
+    assert (smoke_out / "quality.png").stat().st_size > 0
+
+
+def test_premise_table(smoke_out):
+    text = (smoke_out / "premise.md").read_text()
+    columns, rows = parse_markdown_table(text.split("Base loss")[1])
+    assert columns[:3] == ["fraction zeroed", "entries zeroed", "threshold"]
+    assert [row[0] for row in rows] == ["1%", "5%"]
+    data = json.loads((smoke_out / "premise.json").read_text())
+    for record in data["records"]:
+        assert record["zeroed"] == record["count"]  # exact-count threshold (no ties in fp32 random init)
+    assert (smoke_out / "premise.png").stat().st_size > 0
