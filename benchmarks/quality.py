@@ -151,7 +151,8 @@ def run_one(method: str, lr: float, seed: int, args, splits, base_state, base_me
                 info={k: v for k, v in info.items() if v is not None}, new_loss=new_loss, old_loss=old_loss,
                 old_before=base_metrics["old"], new_before=base_metrics["new"], forgetting=old_loss - base_metrics["old"],
                 sample_acc=accuracy, train_s=train_s, final_train_loss=statistics.mean(losses[-20:]),
-                old_rows_unchanged=old_rows_unchanged, samples=samples.tolist() if seed == args.seeds[0] else None)
+                old_rows_unchanged=old_rows_unchanged, samples=[[round(v, 4) for v in img.flatten().tolist()]
+                                                                for img in samples])
 
 
 def summarise(records: list[dict]) -> dict:
@@ -298,18 +299,22 @@ def main(argv=None) -> int:
               f"old {record['old_loss']:.5f} (Δ{record['forgetting']:+.5f}) acc {record['sample_acc']:.2f} "
               f"trainable {record['trainable']:,d} ({time.time() - t0:.0f}s)", flush=True)
         markdown, _ = build_markdown(records, args, args.smoke)
-        common.write_results(out, stem, markdown, {"records": [dict(r, samples=None) for r in records]})
+        common.write_results(out, stem, markdown, {"records": records})
     markdown, summary = build_markdown(records, args, args.smoke)
-    # sample grid (first seed, each method at the lr of this invocation) and a learning/forgetting plot
-    rows = [base_samples] + [torch.tensor(r["samples"]) for r in records if r.get("samples") is not None]
-    labels = ["base"] + [f"{r['method']} {r['lr']:g}" for r in records if r.get("samples") is not None]
+    # sample grid: per (method, lr) the run of the lowest seed that kept its samples
+    chosen = {}
+    for r in sorted(records, key=lambda r: r["seed"]):
+        if r.get("samples") is not None and r["steps"] == args.steps:
+            chosen.setdefault((r["method"], r["lr"]), r)
+    side = base_samples.shape[-1]
+    rows = [base_samples] + [torch.tensor(r["samples"]).view(-1, 1, side, side) for r in chosen.values()]
+    labels = ["base"] + [f"{r['method']} lr {r['lr']:g} seed {r['seed']}" for r in chosen.values()]
     grid_path = out / f"{stem}_samples.png"
-    model.save_grid_png(rows, grid_path, labels=[l[:4] for l in labels])
-    markdown += (f"\nSample grid `{grid_path.name}`: one row per run of the first seed, "
-                 f"{args.samples} samples of 8 then {args.samples} of 9 (same noise for every row); rows: "
-                 + ", ".join(labels) + ".\n")
-    common.write_results(out, stem, markdown, {"records": [dict(r, samples=None) for r in records],
-                                               "base": base_metrics})
+    model.save_grid_png(rows, grid_path, labels=[str(i) for i in range(len(rows))])
+    markdown += (f"\nSample grid `{grid_path.name}`: one row per method, {args.samples} samples of 8 then "
+                 f"{args.samples} of 9, the same noise (seed 123) in every row; rows: "
+                 + ", ".join(f"{i} = {l}" for i, l in enumerate(labels)) + ".\n")
+    common.write_results(out, stem, markdown, {"records": records, "base": base_metrics})
     try:
         import matplotlib
 
