@@ -508,6 +508,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine more threads spin and run far slower)")
     parser.add_argument("--latent", type=int, default=8, help="latent size (8 = 64x64 pixels)")
     parser.add_argument("--methods", default="", help="comma list: only these methods")
+    parser.add_argument("--only_budget", type=float, default=None, help="keep only configs with this budget")
+    parser.add_argument("--only_ckpt", choices=("on", "off"), default=None)
+    parser.add_argument("--only_optim", default=None, help="keep only configs with this optimizer")
     parser.add_argument("--export", action="store_true", help="also time the LoRA export")
     parser.add_argument("--export_rank", type=int, default=16)
     parser.add_argument("--fresh", action="store_true", help="drop earlier records in the results file")
@@ -530,6 +533,12 @@ def main(argv=None) -> int:
     if args.methods:
         wanted = set(args.methods.split(","))
         configs = [c for c in configs if c["method"] in wanted]
+    if args.only_budget is not None:
+        configs = [c for c in configs if c["budget"] == int(args.only_budget)]
+    if args.only_ckpt is not None:
+        configs = [c for c in configs if c["ckpt"] == (args.only_ckpt == "on")]
+    if args.only_optim is not None:
+        configs = [c for c in configs if c["optim"] == args.only_optim]
     for c in configs:
         c.update(arch=arch, steps=args.steps, warmup=args.warmup, threads=args.threads, latent=args.latent)
         if c["method"] in ("full", "lyco_full") and not args.smoke:
