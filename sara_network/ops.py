@@ -1,9 +1,18 @@
 """Sparse-delta Linear and Conv2d: the paper's "unstructured backprop" as autograd functions.
 
-The effective weight W + m * scatter(delta) is rebuilt transiently in forward and again in
-backward; only what a frozen layer keeps is saved (the input, the base weight by reference) plus
-the 1-D deltas and their int32 indices. The dense weight gradient exists for one layer at a time,
-inside backward, and is gathered down to the selected entries before the function returns.
+The effective weight W + m * scatter(delta) exists only for the duration of one matmul/conv, in
+forward and again in backward; only what a frozen layer keeps is saved (the input, the base weight
+by reference) plus the 1-D deltas and their int32 indices. When the layer computes in the weight's
+own dtype, the selected entries are written into the base weight's storage and restored bit for bit
+right after (no dense copy: O(selected) work instead of O(weight)); otherwise a cast copy is made,
+as a frozen layer under autocast would.
+
+The delta gradient is (gᵀx) at the selected positions. By default the dense weight gradient is
+formed for one layer at a time, inside backward, and gathered down to the selected entries before
+the function returns. On the CPU in fp32 at low density it is computed only at the selected
+positions (`torch.sparse.sampled_addmm`, an SDDMM: about k·L work instead of out·in·L), which is
+several times faster there; `torch.sparse.sampled_addmm` takes only fp32/fp64 on the CPU and the
+GPU case is unmeasured, so other devices and dtypes keep the dense GEMM (see `use_sampled_grad`).
 
 Mixed precision: under autocast the layer computes in the autocast dtype, like `F.linear` would;
 the selected entries are formed as fp32 (base + delta) and rounded once. The dense weight gradient
@@ -11,10 +20,16 @@ is computed in that dtype (as for any half-precision layer), gathered and return
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import warnings
 
 import torch
 import torch.nn.functional as F
+
+SAMPLED_GRAD_MAX_DENSITY = 0.02  # measured CPU crossover (benchmarks/README.md): dense GEMM wins above
+SAMPLED_GRAD_MAX_OPERAND = 1.0  # the SDDMM's extra operand (unfolded conv input) / the dense weight grad
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -48,9 +63,70 @@ def effective_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.
     return rebuilt
 
 
-def _gather_delta_grad(dense_grad: torch.Tensor, indices: torch.Tensor, multiplier: float,
-                       frozen_positions: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    grad = dense_grad.reshape(-1)[indices].to(dtype)
+def _patchable_in_place(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (weight.dtype == dtype and weight.is_contiguous()
+            and not (weight.is_inference() and not torch.is_inference_mode_enabled()))
+
+
+@contextmanager
+def weight_with_delta(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                      multiplier: float, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """W + m*scatter(values) in `dtype` for the body of the `with` block.
+
+    Same entries as `effective_weight`; in the weight's own dtype they are written into the base
+    weight in place (through `.data`, so autograd's version counters are untouched) and the original
+    entries are put back on exit, also on an exception. Callers must not let the yielded tensor escape.
+    """
+    if not _patchable_in_place(weight, dtype):
+        yield effective_weight(weight, values, indices, multiplier, dtype)
+        return
+    flat = weight.data.view(-1)
+    original = flat[indices]
+    selected = original.to(torch.float32) + multiplier * values.detach().to(torch.float32)
+    flat.index_put_((indices,), selected.to(dtype))
+    try:
+        yield weight.data
+    finally:
+        flat.index_put_((indices,), original)
+
+
+def use_sampled_grad(indices: torch.Tensor, weight_numel: int, dtype: torch.dtype,
+                     operand_numel: int) -> bool:
+    """Whether to compute the delta gradient by SDDMM instead of a dense GEMM + gather.
+
+    Only on the CPU in fp32, below SAMPLED_GRAD_MAX_DENSITY, when the indices are sorted (the
+    SDDMM returns values in row-major order) and when its operand (for a conv, the unfolded input)
+    is no larger than the dense gradient it replaces, so peak memory never grows.
+    """
+    count = indices.numel()
+    return (indices.device.type == "cpu" and dtype == torch.float32 and 0 < count
+            and count <= SAMPLED_GRAD_MAX_DENSITY * weight_numel
+            and operand_numel <= SAMPLED_GRAD_MAX_OPERAND * weight_numel
+            and bool((indices[1:] > indices[:-1]).all()))
+
+
+def sampled_grad(grad_rows: torch.Tensor, input_rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """(grad_rowsᵀ @ input_rows).flatten()[indices] without forming the product.
+
+    grad_rows is (L, out), input_rows is (L, in); indices are sorted flat positions in (out, in).
+    """
+    n_out, n_in = grad_rows.shape[1], input_rows.shape[1]
+    flat = indices.long()
+    rows = torch.div(flat, n_in, rounding_mode="floor")
+    crow = torch.zeros(n_out + 1, dtype=torch.int64, device=flat.device)
+    crow[1:] = torch.bincount(rows, minlength=n_out).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta state"
+        # zeros, not empty: beta=0 still reads the pattern's values on the CPU (0 * NaN = NaN)
+        pattern = torch.sparse_csr_tensor(crow, flat - rows * n_in, torch.zeros(flat.numel(), dtype=grad_rows.dtype),
+                                          (n_out, n_in), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, grad_rows.t(), input_rows, beta=0.0).values()
+
+
+def _finish_delta_grad(grad: torch.Tensor, multiplier: float, frozen_positions: Optional[torch.Tensor],
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Scale by the multiplier, zero the frozen entries, return in the deltas' dtype."""
+    grad = grad.to(dtype)
     if multiplier != 1.0:
         grad.mul_(multiplier)
     if frozen_positions is not None and frozen_positions.numel():
@@ -65,8 +141,8 @@ class SparseDeltaLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x_c = x.to(dtype)
             pinned = effective_values(values, frozen_positions, frozen_values)
-            w_eff = effective_weight(weight, pinned, indices, multiplier, dtype)
-            out = F.linear(x_c, w_eff, None if bias is None else bias.to(dtype))
+            with weight_with_delta(weight, pinned, indices, multiplier, dtype) as w_eff:
+                out = F.linear(x_c, w_eff, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x_c, weight, values, indices, frozen_positions, frozen_values)
         ctx.meta = (dtype, multiplier, x.dtype, None if bias is None else bias.dtype)
         return out
@@ -81,14 +157,16 @@ class SparseDeltaLinear(torch.autograd.Function):
             g = grad_out.to(dtype)
             if need_x:
                 pinned = effective_values(values, frozen_positions, frozen_values)
-                w_eff = effective_weight(weight, pinned, indices, multiplier, dtype)
-                grad_x = g.matmul(w_eff).to(x_dtype)
-                del w_eff
+                with weight_with_delta(weight, pinned, indices, multiplier, dtype) as w_eff:
+                    grad_x = g.matmul(w_eff).to(x_dtype)
             g2 = g.reshape(-1, g.shape[-1])
             if need_values:
-                dense = g2.t().matmul(x_c.reshape(-1, x_c.shape[-1]))
-                grad_values = _gather_delta_grad(dense, indices, multiplier, frozen_positions, values.dtype)
-                del dense
+                x2 = x_c.reshape(-1, x_c.shape[-1])
+                if use_sampled_grad(indices, weight.numel(), dtype, 0):
+                    grad = sampled_grad(g2, x2, indices)
+                else:
+                    grad = g2.t().matmul(x2).view(-1)[indices]  # one layer's dense gradient, freed here
+                grad_values = _finish_delta_grad(grad, multiplier, frozen_positions, values.dtype)
             if need_bias:
                 grad_bias = g2.sum(0).to(bias_dtype)
         return grad_x, None, grad_bias, grad_values, None, None, None, None
@@ -102,9 +180,9 @@ class SparseDeltaConv2d(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x_c = x.to(dtype)
             pinned = effective_values(values, frozen_positions, frozen_values)
-            w_eff = effective_weight(weight, pinned, indices, multiplier, dtype)
-            out = F.conv2d(x_c, w_eff, None if bias is None else bias.to(dtype),
-                           stride, padding, dilation, groups)
+            with weight_with_delta(weight, pinned, indices, multiplier, dtype) as w_eff:
+                out = F.conv2d(x_c, w_eff, None if bias is None else bias.to(dtype),
+                               stride, padding, dilation, groups)
         ctx.save_for_backward(x_c, weight, values, indices, frozen_positions, frozen_values)
         ctx.meta = (dtype, multiplier, x.dtype, None if bias is None else bias.dtype,
                     stride, padding, dilation, groups)
@@ -117,16 +195,25 @@ class SparseDeltaConv2d(torch.autograd.Function):
         need_x, _, need_bias, need_values = ctx.needs_input_grad[:4]
         grad_values = None
         with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.to(dtype)
+            unfolded_numel = x_c.shape[0] * x_c.shape[1] * weight[0, 0].numel() * g[0, 0].numel()
+            sampled = need_values and groups == 1 and use_sampled_grad(indices, weight.numel(), dtype, unfolded_numel)
             pinned = effective_values(values, frozen_positions, frozen_values)
-            w_eff = effective_weight(weight, pinned, indices, multiplier, dtype)
-            grad_x, dense, grad_bias = torch.ops.aten.convolution_backward(
-                grad_out.to(dtype), x_c, w_eff, [w_eff.shape[0]] if need_bias else None,
-                list(stride), list(padding), list(dilation), False, [0, 0], groups,
-                [need_x, need_values, need_bias])
-            del w_eff
-            if need_values:
-                grad_values = _gather_delta_grad(dense, indices, multiplier, frozen_positions, values.dtype)
+            with weight_with_delta(weight, pinned, indices, multiplier, dtype) as w_eff:
+                grad_x, dense, grad_bias = torch.ops.aten.convolution_backward(
+                    g, x_c, w_eff, [w_eff.shape[0]] if need_bias else None,
+                    list(stride), list(padding), list(dilation), False, [0, 0], groups,
+                    [need_x, need_values and not sampled, need_bias])
+            if sampled:  # unfold's columns are ordered (in, kh, kw): the weight's own flat order per row
+                columns = F.unfold(x_c, weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
+                grad = sampled_grad(g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1]),
+                                    columns.transpose(1, 2).reshape(-1, columns.shape[1]), indices)
+                del columns
+            elif need_values:
+                grad = dense.view(-1)[indices]  # one layer's dense gradient, freed here
                 del dense
+            if need_values:
+                grad_values = _finish_delta_grad(grad, multiplier, frozen_positions, values.dtype)
         if grad_x is not None:
             grad_x = grad_x.to(x_dtype)
         if grad_bias is not None:

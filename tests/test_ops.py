@@ -5,7 +5,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sara_network import ops
 from sara_network.ops import conv_padding, sparse_delta_conv2d, sparse_delta_linear
+
+
+@pytest.fixture(params=["dense", "sampled"])
+def grad_path(request, monkeypatch):
+    """Run a test with the delta gradient from the dense GEMM + gather, or forced onto the SDDMM."""
+    path = {"sampled": request.param == "sampled", "calls": []}
+    calls = path["calls"]
+    if request.param == "sampled":
+        monkeypatch.setattr(ops, "SAMPLED_GRAD_MAX_DENSITY", 1.0)
+        monkeypatch.setattr(ops, "SAMPLED_GRAD_MAX_OPERAND", float("inf"))
+        real = ops.sampled_grad
+        monkeypatch.setattr(ops, "sampled_grad", lambda *args: calls.append(1) or real(*args))
+    else:
+        monkeypatch.setattr(ops, "SAMPLED_GRAD_MAX_DENSITY", 0.0)
+    yield path  # a test sets path["sampled"] = False where the dense path must be taken anyway
+    assert bool(calls) == path["sampled"]
 
 
 def random_support(numel, density, seed):
@@ -27,7 +44,7 @@ def make_leaf(*shape, seed, scale=1.0, dtype=torch.float32):
 
 @pytest.mark.parametrize("in_features,out_features,bias,multiplier",
                          [(7, 5, True, 1.0), (16, 3, False, 0.5), (33, 40, True, -1.3)])
-def test_linear_matches_dense_reference_fp32(in_features, out_features, bias, multiplier):
+def test_linear_matches_dense_reference_fp32(in_features, out_features, bias, multiplier, grad_path):
     weight = torch.randn(out_features, in_features)
     indices = random_support(weight.numel(), 0.2, 0)
     values = make_leaf(indices.numel(), seed=1)
@@ -61,8 +78,9 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv2d_matches_dense_reference_fp32(case, bias):
+def test_conv2d_matches_dense_reference_fp32(case, bias, grad_path):
     cin, cout, kernel, stride, padding, dilation, groups = case
+    grad_path["sampled"] &= groups == 1  # grouped convs always take the dense path
     kernel = kernel if isinstance(kernel, tuple) else (kernel, kernel)
     weight = torch.randn(cout, cin // groups, *kernel)
     indices = random_support(weight.numel(), 0.3, 4)
@@ -136,7 +154,7 @@ def test_fp8_base_weight_under_autocast():
     torch.testing.assert_close(values.grad, ref_values.grad, rtol=3e-2, atol=3e-2)
 
 
-def test_frozen_entries_use_frozen_values_and_get_no_gradient():
+def test_frozen_entries_use_frozen_values_and_get_no_gradient(grad_path):
     weight = torch.randn(6, 5)
     indices = random_support(weight.numel(), 0.5, 15)
     values = make_leaf(indices.numel(), seed=16)
@@ -176,3 +194,63 @@ def test_no_weight_sized_tensor_is_saved_per_layer():
                 assert tensor.data_ptr() in weight_ptrs, "a weight-sized copy was kept for backward"
     out.sum().backward()
     assert all(d.grad is not None and d.grad.abs().sum() > 0 for d in deltas)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_base_weight_restored_bit_for_bit(dtype):
+    """In the weight's own dtype the selected entries are written in place and put back."""
+    layer = torch.nn.Conv2d(6, 5, 3, padding=1).to(dtype).requires_grad_(False)
+    linear = torch.nn.Linear(9, 7).to(dtype).requires_grad_(False)
+    before = [layer.weight.clone(), linear.weight.clone()]
+    versions = [layer.weight._version, linear.weight._version]
+    conv_support = random_support(layer.weight.numel(), 0.2, 30)
+    linear_support = random_support(linear.weight.numel(), 0.2, 31)
+    conv_delta = make_leaf(conv_support.numel(), seed=32, scale=0.1)
+    linear_delta = make_leaf(linear_support.numel(), seed=33, scale=0.1)
+    x = make_leaf(2, 6, 4, 4, seed=34, dtype=dtype)
+    hidden = sparse_delta_conv2d(x, layer.weight, layer.bias, conv_delta, conv_support, padding=1)
+    out = sparse_delta_linear(hidden.flatten(1)[:, :9], linear.weight, linear.bias, linear_delta, linear_support)
+    assert torch.equal(layer.weight, before[0]) and torch.equal(linear.weight, before[1])
+    out.float().square().sum().backward()
+    assert torch.equal(layer.weight, before[0]) and torch.equal(linear.weight, before[1])
+    assert [layer.weight._version, linear.weight._version] == versions
+    assert conv_delta.grad.abs().sum() > 0 and linear_delta.grad.abs().sum() > 0
+
+    ref_delta = linear_delta.detach().clone().requires_grad_(True)
+    ref_hidden = hidden.detach().flatten(1)[:, :9].float()
+    ref = F.linear(ref_hidden, dense_reference_weight(linear.weight, ref_delta, linear_support, 1.0).to(dtype).float(),
+                   linear.bias.float())
+    tolerance = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(out.float(), ref, **tolerance)
+
+
+def test_base_weight_restored_when_the_matmul_fails():
+    weight = torch.randn(5, 4)
+    before = weight.clone()
+    support = random_support(weight.numel(), 0.5, 40)
+    delta = make_leaf(support.numel(), seed=41)
+    with pytest.raises(RuntimeError):
+        sparse_delta_linear(torch.randn(3, 6), weight, None, delta, support)  # wrong in_features
+    assert torch.equal(weight, before)
+
+
+def test_sampled_grad_is_chosen_only_where_it_pays():
+    """The default rule: CPU fp32, low density, sorted indices, operand no larger than the gradient."""
+    weight_numel = 1280 * 1280
+    low = random_support(weight_numel, 0.005, 50)
+    assert ops.use_sampled_grad(low, weight_numel, torch.float32, 0)
+    assert not ops.use_sampled_grad(random_support(weight_numel, 0.05, 51), weight_numel, torch.float32, 0)
+    assert not ops.use_sampled_grad(low, weight_numel, torch.bfloat16, 0)
+    assert not ops.use_sampled_grad(low.flip(0), weight_numel, torch.float32, 0)
+    assert not ops.use_sampled_grad(low, weight_numel, torch.float32, 2 * weight_numel)
+
+
+def test_sampled_grad_matches_gemm_and_ignores_stale_memory():
+    """The SDDMM equals (gᵀx)[indices] even when freed memory held NaNs (beta=0 reads its input)."""
+    grad_rows, input_rows = torch.randn(6, 40), torch.randn(6, 30)
+    indices = random_support(40 * 30, 0.3, 60)
+    expected = (grad_rows.t() @ input_rows).view(-1)[indices.long()]
+    for _ in range(5):
+        stale = torch.full((indices.numel(),), float("nan"))
+        del stale
+        torch.testing.assert_close(ops.sampled_grad(grad_rows, input_rows, indices), expected)
