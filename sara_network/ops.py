@@ -165,7 +165,7 @@ class SparseDeltaLinear(torch.autograd.Function):
                 if use_sampled_grad(indices, weight.numel(), dtype, 0):
                     grad = sampled_grad(g2, x2, indices)
                 else:
-                    grad = g2.t().matmul(x2).view(-1)[indices]  # one layer's dense gradient, freed here
+                    grad = g2.t().matmul(x2).reshape(-1)[indices]  # one layer's dense gradient, freed here
                 grad_values = _finish_delta_grad(grad, multiplier, frozen_positions, values.dtype)
             if need_bias:
                 grad_bias = g2.sum(0).to(bias_dtype)
@@ -210,7 +210,7 @@ class SparseDeltaConv2d(torch.autograd.Function):
                                     columns.transpose(1, 2).reshape(-1, columns.shape[1]), indices)
                 del columns
             elif need_values:
-                grad = dense.view(-1)[indices]  # one layer's dense gradient, freed here
+                grad = dense.reshape(-1)[indices]  # one layer's dense gradient, freed here
                 del dense
             if need_values:
                 grad_values = _finish_delta_grad(grad, multiplier, frozen_positions, values.dtype)

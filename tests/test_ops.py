@@ -254,3 +254,16 @@ def test_sampled_grad_matches_gemm_and_ignores_stale_memory():
         stale = torch.full((indices.numel(),), float("nan"))
         del stale
         torch.testing.assert_close(ops.sampled_grad(grad_rows, input_rows, indices), expected)
+
+
+def test_conv2d_channels_last_input(grad_path):
+    """channels_last activations give a non-contiguous dense weight gradient."""
+    weight = torch.randn(6, 4, 3, 3)
+    indices = random_support(weight.numel(), 0.3, 70)
+    values = make_leaf(indices.numel(), seed=71)
+    x = make_leaf(2, 4, 5, 5, seed=72).detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out = sparse_delta_conv2d(x, weight, None, values, indices, 1.0, 1, 1)
+    out.square().sum().backward()
+    ref_values = values.detach().clone().requires_grad_(True)
+    F.conv2d(x.detach(), dense_reference_weight(weight, ref_values, indices, 1.0), None, 1, 1).square().sum().backward()
+    torch.testing.assert_close(values.grad, ref_values.grad, rtol=1e-4, atol=1e-4)
