@@ -91,3 +91,57 @@ def header(title: str, command: str, smoke: bool) -> str:
 
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# peers at a matched budget (shared by memory_speed.py and quality.py)
+LOKR_FACTORS = (4, 8, 16, 32, 64)
+
+
+def per_rank_count(unet, names) -> int:
+    """LoRA parameters per unit of rank over the named Linear/Conv2d modules (in + out, conv in·k² + out)."""
+    import torch
+
+    modules = dict(unet.named_modules())
+    total = 0
+    for name in names:
+        m = modules[name]
+        if isinstance(m, torch.nn.Linear):
+            total += m.in_features + m.out_features
+        else:
+            total += m.weight[0].numel() + m.out_channels
+    return total
+
+
+def lycoris_adapter(unet, method: str, budget, names) -> tuple[object, dict]:
+    """A LyCORIS network on every Linear/Conv2d: LoCon at the rank matching `budget`, full-matrix LoKr
+    at the factor whose count is nearest `budget` (factors cannot match it exactly), or `algo=full`."""
+    import math
+
+    from lycoris import LycorisNetwork, create_lycoris
+
+    LycorisNetwork.apply_preset({"enable_conv": True, "target_module": ["Linear", "Conv2d"], "target_name": []})
+    info: dict = {}
+    if method == "locon":
+        rank = max(1, round(budget / per_rank_count(unet, names)))
+        net = create_lycoris(unet, 1.0, linear_dim=rank, linear_alpha=rank, conv_dim=rank, conv_alpha=rank,
+                             algo="locon")
+        info["rank"] = rank
+    elif method == "lokr":
+        def lokr(factor):
+            return create_lycoris(unet, 1.0, linear_dim=100000, linear_alpha=1, conv_dim=100000, conv_alpha=1,
+                                  algo="lokr", factor=factor)
+
+        def count(net):
+            return sum(p.numel() for lora in net.loras for p in lora.parameters() if p.requires_grad)
+
+        counts = {factor: count(lokr(factor)) for factor in LOKR_FACTORS}
+        factor = min((f for f in counts if counts[f]), key=lambda f: abs(math.log(counts[f] / budget)))
+        net = lokr(factor)
+        info["lokr_factor"] = factor
+    elif method == "lyco_full":
+        net = create_lycoris(unet, 1.0, algo="full")
+    else:
+        raise ValueError(f"not a LyCORIS method: {method}")
+    net.apply_to()
+    return net, info

@@ -36,7 +36,6 @@ TINY = dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm
             cross_attention_dim=32, attention_head_dim=8)
 ARCHS = {"sd15": SD15, "tiny": TINY}
 BUDGETS = {"sd15": (5_000_000, 20_000_000), "tiny": (5_000,)}
-LOKR_FACTORS = (4, 8, 16, 32, 64)
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -99,20 +98,6 @@ def _target_names(unet) -> tuple[list[str], list[str]]:
     return all_names, linear
 
 
-def _per_rank_count(unet, names) -> int:
-    import torch
-
-    modules = dict(unet.named_modules())
-    total = 0
-    for name in names:
-        m = modules[name]
-        if isinstance(m, torch.nn.Linear):
-            total += m.in_features + m.out_features
-        else:
-            total += m.weight[0].numel() + m.out_channels
-    return total
-
-
 def setup_method(unet, cfg: dict) -> tuple[list, dict]:
     """Make `unet` trainable the way `cfg['method']` does; return (trainable params, info)."""
     import torch
@@ -149,43 +134,17 @@ def setup_method(unet, cfg: dict) -> tuple[list, dict]:
         from peft import LoraConfig, ShiraConfig, inject_adapter_in_model
 
         if method == "lora":
-            rank = max(1, round(budget / _per_rank_count(unet, names)))
+            rank = max(1, round(budget / common.per_rank_count(unet, names)))
             inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=names), unet)
         else:
-            rank = max(1, round(budget / _per_rank_count(unet, linear)))
+            rank = max(1, round(budget / common.per_rank_count(unet, linear)))
             inject_adapter_in_model(ShiraConfig(r=rank, target_modules=linear, random_seed=0), unet)
         info["rank"] = rank
         marker = "lora_" if method == "lora" else "shira_"
         return [p for n, p in unet.named_parameters() if marker in n and p.requires_grad], info
     if method in ("locon", "lokr", "lyco_full"):
-        from lycoris import LycorisNetwork, create_lycoris
-
-        LycorisNetwork.apply_preset({"enable_conv": True, "target_module": ["Linear", "Conv2d"], "target_name": []})
-
-        def count(net):
-            return sum(p.numel() for lora in net.loras for p in lora.parameters() if p.requires_grad)
-
-        if method == "locon":
-            rank = max(1, round(budget / _per_rank_count(unet, names)))
-            net = create_lycoris(unet, 1.0, linear_dim=rank, linear_alpha=rank, conv_dim=rank, conv_alpha=rank,
-                                 algo="locon")
-            info["rank"] = rank
-        elif method == "lokr":
-            best = None
-            for factor in LOKR_FACTORS:  # full-matrix LoKr: the factor sets the size; pick the nearest
-                candidate = create_lycoris(unet, 1.0, linear_dim=100000, linear_alpha=1, conv_dim=100000,
-                                           conv_alpha=1, algo="lokr", factor=factor)
-                n = count(candidate)
-                if n and (best is None or abs(math.log(n / budget)) < best[0]):
-                    best = (abs(math.log(n / budget)), factor)
-                del candidate
-            net = create_lycoris(unet, 1.0, linear_dim=100000, linear_alpha=1, conv_dim=100000, conv_alpha=1,
-                                 algo="lokr", factor=best[1])
-            info["lokr_factor"] = best[1]
-        else:
-            net = create_lycoris(unet, 1.0, algo="full")
-        net.apply_to()
-        info["network"] = net
+        net, lyco_info = common.lycoris_adapter(unet, method, budget, names)
+        info.update(lyco_info, network=net)
         return [p for p in net.parameters() if p.requires_grad], info
     raise ValueError(f"unknown method {method}")
 

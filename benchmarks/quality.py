@@ -26,14 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
-DEFAULT_LR = {"sara": 2e-3, "sara_plain": 2e-3, "lora": 2e-3, "locon": 2e-3, "full": 3e-4, "emb": 2e-3}
+DEFAULT_LR = {"sara": 2e-3, "sara_plain": 2e-3, "lora": 2e-3, "locon": 2e-3, "lokr": 2e-3, "full": 3e-4,
+              "emb": 2e-3}
 SWEEP = {"sara": (1e-3, 2e-3, 4e-3), "sara_plain": (1e-3, 2e-3, 4e-3), "lora": (1e-3, 2e-3, 4e-3),
-         "locon": (1e-3, 2e-3, 4e-3), "full": (1e-4, 3e-4, 1e-3), "emb": (2e-3,)}
+         "locon": (1e-3, 2e-3, 4e-3), "lokr": (1e-3, 2e-3, 4e-3), "full": (1e-4, 3e-4, 1e-3), "emb": (2e-3,)}
 DESCRIPTION = {
     "sara": "SaRA, 5% density (|w| < global threshold), lambda_rank 5e-3 (rank_min_dim 32), progressive step at 50%",
     "sara_plain": "SaRA, 5% density, no rank term, no progressive step",
     "lora": "PEFT LoRA (inject_adapter_in_model) on all 65 Linear/Conv2d, rank matched, alpha = rank",
     "locon": "LyCORIS LoCon on all Linear/Conv2d, same rank as LoRA, alpha = rank",
+    "lokr": "LyCORIS LoKr (full-matrix, factor with the count nearest the budget) on all Linear/Conv2d",
     "full": "full fine-tuning of every parameter",
     "emb": "class-embedding rows 8/9 only (floor)",
 }
@@ -53,9 +55,7 @@ def setup(unet, method: str, steps: int) -> tuple[list, dict, object]:
     total = sum(t.module.weight.numel() for t in targets)
     budget = round(0.05 * total)
     names = [t.path for t in targets]
-    per_rank = sum((m.in_features + m.out_features) if isinstance(m, torch.nn.Linear)
-                   else (m.weight[0].numel() + m.out_channels) for m in (t.module for t in targets))
-    rank = max(1, round(budget / per_rank))
+    rank = max(1, round(budget / common.per_rank_count(unet, names)))
     info = {"budget": budget}
     if method in ("sara", "sara_plain"):
         config = SaraConfig(density=0.05, lambda_rank=5e-3, rank_min_dim=32, progressive_iter=0.5) if method == "sara" \
@@ -73,14 +73,9 @@ def setup(unet, method: str, steps: int) -> tuple[list, dict, object]:
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=names), unet)
         info["rank"] = rank
         return [p for n, p in unet.named_parameters() if "lora_" in n], info, None
-    if method == "locon":
-        from lycoris import LycorisNetwork, create_lycoris
-
-        LycorisNetwork.apply_preset({"enable_conv": True, "target_module": ["Linear", "Conv2d"], "target_name": []})
-        net = create_lycoris(unet, 1.0, linear_dim=rank, linear_alpha=rank, conv_dim=rank, conv_alpha=rank,
-                             algo="locon")
-        net.apply_to()
-        info["rank"] = rank
+    if method in ("locon", "lokr"):
+        net, lyco_info = common.lycoris_adapter(unet, method, budget, names)
+        info.update(lyco_info)
         return [p for p in net.parameters() if p.requires_grad], info, net
     if method == "full":
         params = [p for n, p in unet.named_parameters() if n != "class_embedding.weight"]
@@ -174,7 +169,8 @@ def summarise(records: list[dict]) -> dict:
 
 def _label(s: dict) -> str:
     extra = s["info"]
-    return s["method"] + (f" r={extra['rank']}" if "rank" in extra else "")
+    return s["method"] + (f" r={extra['rank']}" if "rank" in extra else "") + (
+        f" f={extra['lokr_factor']}" if "lokr_factor" in extra else "")
 
 
 def build_markdown(records: list[dict], args, smoke: bool) -> tuple[str, dict]:
