@@ -21,7 +21,8 @@ import math
 import os
 import struct
 import tempfile
-from typing import Iterable, Mapping, Optional
+from contextlib import contextmanager
+from typing import BinaryIO, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -123,12 +124,6 @@ def same_base(first: Optional[str], second: Optional[str], rtol: float = 1e-2, a
     return structure_a == structure_b and a.shape == b.shape and bool(torch.allclose(a, b, rtol=rtol, atol=atol))
 
 
-def tensor_data_hash(serialized: bytes) -> str:
-    """sha256 of a safetensors file's data section: the hash A1111 shows for a LoRA (addnet hash)."""
-    header_length = struct.unpack("<Q", serialized[:8])[0]
-    return "0x" + hashlib.sha256(serialized[8 + header_length:]).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # writing
 def to_tensors(deltas: Iterable[ModuleDelta], dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
@@ -162,14 +157,16 @@ def format_metadata(deltas: list[ModuleDelta], extra: Optional[Mapping[str, str]
     return metadata
 
 
-def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write via a temp file in the same folder + rename, so a crash never leaves half a file."""
+@contextmanager
+def atomic_output(path: str) -> Iterator[BinaryIO]:
+    """A stream into a temp file in the same folder, renamed over `path` only when the block succeeds,
+    so a crash or an error never leaves half a file (and never touches an existing one)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
+        with os.fdopen(handle, "w+b") as stream:
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp_path, path)
@@ -179,11 +176,61 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    with atomic_output(path) as stream:
+        stream.write(payload)
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_HASH_PLACEHOLDER = "0x" + "?" * 64  # as long as the "0x" + sha256 hex digest that replaces it
+
+
+def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                      with_hash: bool = True) -> None:
+    """Atomically write a safetensors file one tensor at a time (memory: one tensor, not the file).
+
+    Tensors are laid out by element size then name, as safetensors does, so each one is aligned.
+    With `with_hash`, `sshs_model_hash` (sha256 of the data section, what A1111 and kohya show) is
+    computed while the data streams out and written over a same-length placeholder in the header.
+    """
+    metadata = {str(key): str(value) for key, value in metadata.items()}
+    for stale in ("sshs_model_hash", "sshs_legacy_hash"):  # describe some other file's data
+        metadata.pop(stale, None)
+    if with_hash:
+        metadata["sshs_model_hash"] = _HASH_PLACEHOLDER
+    names = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise SaraFileError(f"{path}: cannot store {name} of dtype {tensor.dtype} in safetensors")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    digest = hashlib.sha256()
+    with atomic_output(path) as stream:
+        stream.write(struct.pack("<Q", len(blob)))
+        stream.write(blob)
+        for name in names:
+            data = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            stream.write(data)
+            digest.update(data)
+        if with_hash:
+            stream.seek(8 + blob.index(_HASH_PLACEHOLDER.encode()))
+            stream.write(("0x" + digest.hexdigest()).encode())
+
+
 def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str],
                  with_hash: bool = True) -> None:
     """Atomically write tensors + metadata: safetensors, or a tensor-only torch file for .pt/.ckpt."""
-    from safetensors.torch import save
-
     metadata = dict(metadata)
     if path.lower().endswith(PICKLE_SUFFIXES):
         import io
@@ -194,11 +241,7 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: Mapping[
         torch.save(blob, buffer)
         atomic_write_bytes(path, buffer.getvalue())
         return
-    if with_hash:
-        metadata.pop("sshs_model_hash", None)
-        metadata.pop("sshs_legacy_hash", None)
-        metadata["sshs_model_hash"] = tensor_data_hash(save(tensors, metadata=metadata))
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    write_safetensors(path, tensors, metadata, with_hash)
 
 
 def save_native(path: str, deltas: list[ModuleDelta], dtype: Optional[torch.dtype] = None,

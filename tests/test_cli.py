@@ -1,13 +1,60 @@
 """The `sara` command line end to end on real files: each subcommand, and bad inputs that must fail
 with a clear message, a non-zero exit status and nothing written."""
+import hashlib
 import json
 import os
+import struct
 
 import pytest
 import torch
 
 from sara_network import cli, convert, fileformat
 from test_convert import ldm_checkpoint, trained_native
+
+
+def data_section_sha256(serialized: bytes) -> str:
+    """The addnet / sshs_model_hash of a safetensors file: sha256 of everything after the header."""
+    header_length = struct.unpack("<Q", serialized[:8])[0]
+    return "0x" + hashlib.sha256(serialized[8 + header_length:]).hexdigest()
+
+
+def test_streaming_writer_round_trips_every_dtype_and_hashes_the_data(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.f32": torch.randn(3, 5, generator=generator), "b.f16": torch.randn(7, generator=generator).half(),
+        "c.bf16": torch.randn(2, 3, generator=generator).bfloat16(), "d.i32": torch.arange(5, dtype=torch.int32),
+        "e.i64": torch.tensor([2, 3]), "f.u8": torch.tensor([1, 255], dtype=torch.uint8),
+        "g.bool": torch.tensor([True, False, True]), "h.scalar": torch.tensor(1.5),
+        "i.empty": torch.zeros(0, 4), "j.f8": torch.randn(3, generator=generator).to(torch.float8_e4m3fn),
+        "k.strided": torch.randn(4, 6, generator=generator).t(),
+    }
+    path = tmp_path / "mixed.safetensors"
+    fileformat.save_tensors(str(path), tensors, {"note": "kept", "sshs_model_hash": "stale", "sshs_legacy_hash": "x"})
+    loaded = load_file(str(path))
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
+        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    raw = path.read_bytes()
+    assert metadata == {"note": "kept", "sshs_model_hash": data_section_sha256(raw)}
+    assert struct.unpack("<Q", raw[:8])[0] % 8 == 0
+    fileformat.save_tensors(str(path), tensors, {"note": "kept"}, with_hash=False)
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata() == {"note": "kept"}
+
+
+def test_streaming_writer_failure_keeps_the_old_file(tmp_path):
+    path = tmp_path / "keep.safetensors"
+    fileformat.save_tensors(str(path), {"x": torch.ones(3)}, {})
+    before = path.read_bytes()
+    with pytest.raises(fileformat.SaraFileError, match="complex64"):
+        fileformat.save_tensors(str(path), {"x": torch.ones(3), "y": torch.ones(2, dtype=torch.complex64)}, {})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +89,7 @@ def test_to_lora_and_back(files, tmp_path, capsys):
     assert "sara_format" not in metadata
     report = json.loads(metadata["sara_lora_conversion"])
     assert f"{report['rel_error']:.4%}" in out
-    assert metadata["sshs_model_hash"] == fileformat.tensor_data_hash(lora.read_bytes())
+    assert metadata["sshs_model_hash"] == data_section_sha256(lora.read_bytes())
 
     native = tmp_path / "start.safetensors"
     assert run("from-lora", lora, native, "--base", files / "base.safetensors", "--density", "0.05") == 0
