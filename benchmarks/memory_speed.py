@@ -34,8 +34,15 @@ SD15 = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 12
 TINY = dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8)
-ARCHS = {"sd15": SD15, "tiny": TINY}
-BUDGETS = {"sd15": (5_000_000, 20_000_000), "tiny": (5_000,)}
+SDXL = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+ARCHS = {"sd15": SD15, "sdxl": SDXL, "tiny": TINY}
+TITLES = {"sd15": "SD1.5 U-Net architecture", "sdxl": "SDXL U-Net architecture", "tiny": "smoke"}
+BUDGETS = {"sd15": (5_000_000, 20_000_000), "sdxl": (5_000_000, 20_000_000), "tiny": (5_000,)}
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -187,6 +194,10 @@ def run_worker(cfg: dict) -> dict:
     context = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding + size/crop ids
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=generator),
+                                      "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch)}
     inputs_need_grad = not params
     # Give freed heap back to the OS (selection / adapter construction leave freed-but-mapped pages,
     # which would otherwise count in the training peak of some methods and not others).
@@ -197,7 +208,7 @@ def run_worker(cfg: dict) -> dict:
     for _ in range(cfg["warmup"] + cfg["steps"]):
         t0 = time.perf_counter()
         x = latents.clone().requires_grad_(inputs_need_grad)
-        pred = unet(x, timesteps, encoder_hidden_states=context).sample
+        pred = unet(x, timesteps, encoder_hidden_states=context, **extra).sample
         loss = F.mse_loss(pred, noise)
         loss.backward()
         if optimizer is not None:
@@ -299,6 +310,12 @@ def plan_configs(plan: str, arch: str, batches: list[int]) -> list[dict]:
         for ckpt in (False, True):
             for budget in budgets:
                 configs += [config("sara_norank", budget, "adamw8bit", ckpt, 1), config("lora", budget, "adamw8bit", ckpt, 1)]
+    elif plan == "sdxl":  # full FT does not fit (2.57B fp32 weights + grads + states > 23.5 GiB)
+        for budget in budgets:
+            configs += [config("sara", budget, "adamw8bit", False, 1), config("lora", budget, "adamw8bit", False, 1),
+                        config("sara_norank", budget, "adamw8bit", False, 1)]
+        configs += [config("frozen", None, "none", False, 1), config("sara", low, "none", False, 1),
+                    config("lora", low, "none", False, 1)]
     elif plan == "fullfp32":
         configs += [config("full", None, "adamw", False, 1)]
     elif plan != "export":
@@ -361,8 +378,8 @@ def aggregate(records: list[dict]) -> dict:
 
 def build_markdown(records: list[dict], title_cmd: str, smoke: bool, notes: list[str]) -> tuple[str, dict]:
     agg = aggregate(records)
-    lines = [common.header("Training memory and step time (SD1.5 U-Net architecture)" if not smoke else
-                           "Training memory and step time (smoke)", title_cmd, smoke)]
+    arch = next((r["arch"] for r in records if "arch" in r), "sd15")
+    lines = [common.header(f"Training memory and step time ({TITLES[arch]})", title_cmd, smoke)]
     lines += notes
     rows = []
     order = {"sara": 0, "sara_norank": 0.5, "lora": 1, "locon": 2, "lokr": 3, "shira": 4, "lyco_full": 5, "full": 6}
@@ -456,7 +473,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="tiny U-Net, one process per config, seconds")
-    parser.add_argument("--plan", default="priority", help="priority | wide | batch | fullfp32 | export")
+    parser.add_argument("--plan", default="priority", help="priority | core | wide | batch | fullfp32 | export | sdxl")
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15",
+                        help="U-Net architecture (results go to memory_speed.* or memory_speed_sdxl.*)")
     parser.add_argument("--out", default=str(common.DEFAULT_OUT))
     parser.add_argument("--repeats", type=int, default=1, help="processes per configuration (interleaved)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
@@ -483,7 +502,7 @@ def main(argv=None) -> int:
             result = run_export_worker(cfg) if cfg.get("kind") == "export" else run_worker(cfg)
             print(RESULT_TAG + json.dumps(result), flush=True)
         return 0
-    arch = "tiny" if args.smoke else "sd15"
+    arch = "tiny" if args.smoke else args.arch
     plan = "smoke" if args.smoke else args.plan
     if args.smoke:
         args.steps, args.warmup, args.repeats, args.export = 1, 1, 1, True
@@ -502,12 +521,14 @@ def main(argv=None) -> int:
         c.update(arch=arch, steps=args.steps, warmup=args.warmup, threads=args.threads, latent=args.latent)
         if c["method"] in ("full", "lyco_full") and not args.smoke:
             c["steps"] = args.full_steps
+    if (args.export or plan == "export") and arch == "sdxl":
+        raise SystemExit("--export times the LoRA export of an SD1.5 file; run it with --arch sd15")
     if args.export or plan == "export":
         for budget in BUDGETS[arch]:
             configs.append(dict(kind="export", arch=arch, budget=budget, rank=args.export_rank if not args.smoke else 2,
                                 threads=args.threads))
     out = Path(args.out)
-    stem = "memory_speed"
+    stem = "memory_speed" if arch in ("sd15", "tiny") else f"memory_speed_{arch}"
     json_path = out / f"{stem}.json"
     records = []
     if json_path.exists() and not args.fresh and not args.smoke:
