@@ -56,6 +56,10 @@ def find_targets(root: nn.Module, prefix: str, rules: TargetRules) -> list[Targe
     for path, module in root.named_modules():
         path = root_path + path
         if isinstance(module, (nn.Linear, nn.Conv2d)) and path != root_path and rules.matches(path):
+            if not module.weight.is_floating_point():  # e.g. bitsandbytes Linear4bit / Linear8bitLt
+                raise SaraSelectionError(
+                    f"{path}: its weight is stored as {module.weight.dtype} (a quantized layer); SaRA selects and "
+                    "patches real weight values: load the base model in fp32/fp16/bf16/fp8 instead")
             targets.append(Target(kohya_name(prefix, path), path, module, component))
     return targets
 

@@ -336,6 +336,15 @@ def test_bad_network_args():
         network.apply_to(m.text_encoders[0], m.unet, True, True)
 
 
+def test_quantized_layer_is_refused_by_name():
+    m = models.tiny_sd1()
+    name, layer = next((n, mod) for n, mod in m.unet.named_modules() if isinstance(mod, torch.nn.Linear))
+    layer.weight = torch.nn.Parameter(torch.zeros(layer.weight.shape, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(SaraSelectionError, match=rf"{name}: its weight is stored as torch.int8"):
+        network = sara_network.create_network(1.0, None, None, None, m.text_encoders[0], m.unet, density="0.05")
+        network.apply_to(m.text_encoders[0], m.unet, True, True)
+
+
 def _trained_file(tmp_path, kind="sd1"):
     m = KINDS[kind]()
     network = make_network(m, ARGS)
