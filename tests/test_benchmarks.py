@@ -79,8 +79,12 @@ def test_quality_tables(smoke_out):
     for row in rows:
         float(row[columns.index("new-class loss ↓ (mean)")])
         float(row[columns.index("forgetting Δold ↓ (mean)")])
-    comparison = next(v for k, v in found.items() if "minus SaRA" in k)
-    assert len(comparison[1]) == 4
+    front_columns, front = next(v for k, v in found.items() if k.startswith("Learning vs forgetting"))
+    assert len(front) == len(rows)
+    points = {row[0] for row in front}
+    for row in front:
+        beaten_by = row[front_columns.index("beaten on both by")]
+        assert beaten_by == "not beaten" or all(p in points for p in beaten_by.split("; "))
     records = json.loads((smoke_out / "quality.json").read_text())["records"]
     assert all(r["old_rows_unchanged"] for r in records)  # class-embedding rows 0-7 stay frozen
     assert (smoke_out / "quality_samples.png").stat().st_size > 0
