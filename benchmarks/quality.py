@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.new_classes = data.NEW_CLASSES
-    methods = args.methods.split(",")
+    methods = [m for m in args.methods.split(",") if m]  # --methods "": rebuild tables, plot, grid from the JSON
     lrs = dict(DEFAULT_LR)
     for item in filter(None, args.lr.split(",")):
         name, value = item.split("=")
