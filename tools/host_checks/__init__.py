@@ -1,0 +1,1 @@
+"""Per-host checks for tools/check_in_host.py: each module has check(path, cases, report)."""

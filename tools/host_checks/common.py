@@ -1,0 +1,96 @@
+"""What every host check shares: the tiny models, the native files, the expected weights, the report.
+
+A case is one tiny model (SD1-style with diffusers names, or SDXL-style with LDM names) with a SaRA
+network of random deltas saved as a native file. The expected weights come from the network itself
+(`SaraNetwork.merge_into_base`), never from the host glue or `host_patch`: U-Net modules at
+UNET_MULTIPLIER, text-encoder modules at TE_MULTIPLIER, as the UIs' separate multipliers do.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import sara_network  # noqa: E402
+from sara_network import ldm_names  # noqa: E402
+from sara_network.naming import text_encoder_prefixes  # noqa: E402
+from sara_network.network import all_targets  # noqa: E402
+from tests.models import tiny_sd1, tiny_sdxl  # noqa: E402
+
+UNET_MULTIPLIER = 0.7
+TE_MULTIPLIER = 0.4
+TINY_SD1 = ldm_names.Arch("sd1", ldm_names.UNetLayout(1, (True, False)), ldm_names.ARCHS["sd1"].text_encoders)
+
+
+@dataclasses.dataclass
+class Case:
+    kind: str              # "sd1" or "sdxl"
+    models: object         # the untouched tiny models (unet, text_encoders)
+    base: dict             # kohya module name -> untouched module
+    expected: dict         # kohya module name -> module with base + multiplier * delta merged
+    path: str              # the native SaRA file
+    arch: object           # ldm_names architecture of the tiny model
+
+    def multiplier(self, name: str) -> float:
+        return UNET_MULTIPLIER if name.startswith("lora_unet_") else TE_MULTIPLIER
+
+
+def load_file_module(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _modules(models) -> dict:
+    prefixes = text_encoder_prefixes(models.text_encoders)
+    return {t.name: t.module for t in all_targets(models.unet, models.text_encoders, prefixes)}
+
+
+def make_case(kind: str, folder: str) -> Case:
+    models = tiny_sd1() if kind == "sd1" else tiny_sdxl()
+    base = copy.deepcopy(models)
+    te = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
+    net = sara_network.create_network(1.0, None, None, None, te, models.unet, density="0.05", include_bias="true")
+    net.apply_to(te, models.unet, True, True)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in net.trainable_parameters():
+            parameter.copy_((torch.randn(parameter.shape, generator=generator) * 0.1).half().float())
+    path = os.path.join(folder, f"sara_tiny_{kind}.safetensors")
+    net.save(path, torch.float16, {"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1",
+                                   "ss_output_name": f"tiny {kind} alias"})
+    te_models, te_net = copy.deepcopy((models, net))  # the same network on a second copy of the model
+    net.merge_into_base(UNET_MULTIPLIER)
+    te_net.merge_into_base(TE_MULTIPLIER)
+    expected = {name: module for name, module in _modules(models).items() if name.startswith("lora_unet_")}
+    expected.update({name: module for name, module in _modules(te_models).items() if not name.startswith("lora_unet_")})
+    return Case(kind, base, _modules(base), expected, path, TINY_SD1 if kind == "sd1" else "sdxl")
+
+
+class Report:
+    def __init__(self):
+        self.checked = self.failed = 0
+
+    def fail(self, message: str) -> None:
+        self.failed += 1
+        print(f"  FAIL {message}")
+
+    def compare(self, label: str, got: torch.Tensor, expected: torch.Tensor, exact: bool = True) -> None:
+        self.checked += 1
+        got, expected = got.detach(), expected.detach()
+        same = got.shape == expected.shape and (
+            torch.equal(got, expected) if exact else torch.allclose(got, expected, atol=1e-5, rtol=1e-4))
+        if not same:
+            self.failed += 1
+            diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("nan")
+            print(f"  MISMATCH {label}: shapes {tuple(got.shape)} / {tuple(expected.shape)}, max |diff| {diff:.3g}")
