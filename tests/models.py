@@ -17,11 +17,11 @@ import torch.nn.functional as F
 CROSS_DIM = 32
 
 
-def tiny_text_encoder(seed: int, with_projection: bool = False, hidden: int = CROSS_DIM):
+def tiny_text_encoder(seed: int, with_projection: bool = False, hidden: int = CROSS_DIM, layers: int = 2):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=99, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    config = CLIPTextConfig(vocab_size=99, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                             num_attention_heads=4, max_position_embeddings=16, projection_dim=hidden)
     model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
     return model.eval()
@@ -204,10 +204,12 @@ class TinyLDMUNet(nn.Module):
         return self.out(h)
 
 
-def tiny_sdxl(seed: int = 0):
+def tiny_sdxl(seed: int = 0, text_layers: int = 2):
+    """`text_layers` >= 3 lets hosts that read the penultimate layer (ComfyUI's SDXL CLIP) build it."""
     torch.manual_seed(seed)
     unet = TinyLDMUNet()
-    encoders = [tiny_text_encoder(seed + 1), tiny_text_encoder(seed + 2, with_projection=True, hidden=CROSS_DIM)]
+    encoders = [tiny_text_encoder(seed + 1, layers=text_layers),
+                tiny_text_encoder(seed + 2, with_projection=True, hidden=CROSS_DIM, layers=text_layers)]
     return types.SimpleNamespace(unet=unet, text_encoders=encoders, kind="sdxl")
 
 

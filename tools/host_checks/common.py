@@ -57,7 +57,7 @@ def _modules(models) -> dict:
 
 
 def make_case(kind: str, folder: str) -> Case:
-    models = tiny_sd1() if kind == "sd1" else tiny_sdxl()
+    models = tiny_sd1() if kind == "sd1" else tiny_sdxl(text_layers=3)  # SDXL hosts read the penultimate layer
     base = copy.deepcopy(models)
     te = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
     net = sara_network.create_network(1.0, None, None, None, te, models.unet, density="0.05", include_bias="true")

@@ -1,0 +1,219 @@
+"""ComfyUI: our custom node package inside ComfyUI's own model objects, loaders and patcher.
+
+What runs is ComfyUI's code from --path, unmodified:
+  - `nodes.load_custom_node` imports integrations/comfyui/comfyui-sara as ComfyUI does at start-up
+    (our adapter joins `comfy.weight_adapter.adapters`; "Load SaRA" joins NODE_CLASS_MAPPINGS);
+  - the tiny models become ComfyUI models: `supported_models.SD15` / `SDXL` configs (U-Net config from
+    `model_detection.detect_unet_config` for the LDM-named SDXL U-Net, written out for the diffusers
+    SD1 U-Net, whose weights go through ComfyUI's own `utils.unet_to_diffusers` key map), `get_model`,
+    `load_model_weights`, `ModelPatcher`, and `sd.CLIP` (the real SD1 / SDXL CLIP classes, shrunk to
+    the tiny text encoders with ComfyUI's `<clip>_model_config` model option);
+  - the file goes through the standard `LoraLoader` node (`comfy.sd.load_lora_for_models`: ComfyUI's
+    key maps `model_lora_keys_unet` / `model_lora_keys_clip`, `lora_convert`, `load_lora`,
+    `add_patches`) and through our "Load SaRA" node; `ModelPatcher.patch_model` writes the patched
+    weights (`calculate_weight`), `unpatch_model` restores them; with a low-VRAM budget the patch is
+    applied on the fly in each layer's forward (`LowVramPatch`), which is checked on layer outputs.
+Every SaRA module must find its key in ComfyUI's own key map, and that key must be the one
+`sara_network.ldm_names.comfy_key` predicts; warnings ComfyUI logs while loading (missing or
+unexpected weights, "lora key not loaded", "NOT LOADED") count as failures.
+Run against ComfyUI 3cd7b32f (2026-01-07) on CPU with torch 2.14.1.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+import torch
+from safetensors import safe_open
+
+from sara_network import ldm_names
+
+from tools.host_checks.common import ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report
+
+CLIP_VOCABULARY = 49408
+SD1_UNET_CONFIG = {  # the tiny diffusers U-Net of tests/models.py in ComfyUI's terms
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 0], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 32, "transformer_depth_output": [1, 1, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+class WarningLog(logging.Handler):
+    """Collects what ComfyUI logs at WARNING and above (its way of reporting skipped weights)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def take(self) -> list[str]:
+        messages, self.messages = self.messages, []
+        return [m for m in messages if "torchaudio" not in m]
+
+
+def hf_key(key: str) -> str:
+    """transformers 5 dropped the `text_model.` level from CLIPTextModel's state dict; checkpoints
+    (and ComfyUI) keep it."""
+    return key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"
+
+
+def clip_config(text_encoder) -> dict:
+    """ComfyUI's CLIP config keys for one of our tiny transformers text encoders."""
+    config = text_encoder.config
+    return {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size, "max_position_embeddings": config.max_position_embeddings,
+            "projection_dim": config.projection_dim, "hidden_act": config.hidden_act,
+            "layer_norm_eps": config.layer_norm_eps}
+
+
+def comfy_models(case, report: Report):
+    """(ModelPatcher, CLIP) holding the case's untouched weights, built the way ComfyUI loads a checkpoint."""
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    unet_state = {k: v.clone() for k, v in case.models.unet.state_dict().items()}
+    if case.kind == "sd1":
+        unet_config = dict(SD1_UNET_CONFIG, dtype=torch.float32)
+        to_ldm = comfy.utils.unet_to_diffusers(unet_config)  # diffusers key -> LDM key
+        unconverted = sorted(set(unet_state) - set(to_ldm))
+        if unconverted:
+            report.fail(f"comfyui {case.kind}: no LDM key for diffusers weights {unconverted[:4]}")
+        unet_state = {to_ldm[k]: v for k, v in unet_state.items() if k in to_ldm}
+        model_config = comfy.supported_models.SD15(unet_config)
+        encoders = {"clip_l": case.models.text_encoders[0]}
+    else:
+        unet_config = comfy.model_detection.detect_unet_config(unet_state, "")
+        model_config = comfy.supported_models.SDXL(unet_config)
+        encoders = {"clip_l": case.models.text_encoders[0], "clip_g": case.models.text_encoders[1]}
+    model_config.set_inference_dtype(torch.float32, None)
+    checkpoint = {f"model.diffusion_model.{k}": v for k, v in unet_state.items()}
+    model = model_config.get_model(checkpoint, "model.diffusion_model.", device=torch.device("cpu"))
+    model.load_model_weights(checkpoint, "model.diffusion_model.")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+    clip_state = {f"{prefix}.transformer.{hf_key(k)}": v.clone() for prefix, encoder in encoders.items()
+                  for k, v in encoder.state_dict().items()}
+    for key, value in clip_state.items():  # ComfyUI's CLIP has the real 49408-token vocabulary
+        if key.endswith("token_embedding.weight"):
+            clip_state[key] = torch.cat([value, value.new_zeros(CLIP_VOCABULARY - len(value), value.shape[1])])
+    options = {f"{prefix}_model_config": clip_config(encoder) for prefix, encoder in encoders.items()}
+    clip = comfy.sd.CLIP(model_config.clip_target(state_dict=clip_state), state_dict=clip_state,
+                         model_options=dict(options, dtype=torch.float32))
+    return patcher, clip
+
+
+def target_of(model_patcher_or_clip, key: str):
+    import comfy.utils
+
+    owner = getattr(model_patcher_or_clip, "cond_stage_model", None) or model_patcher_or_clip.model
+    return comfy.utils.get_attr(owner, key.rsplit(".", 1)[0])
+
+
+def check(path: str, cases, report: Report) -> None:
+    sys.argv = sys.argv[:1] + ["--cpu"]
+    sys.path.insert(0, path)
+    import comfy.options
+
+    comfy.options.enable_args_parsing()  # as main.py does, so that --cpu is read
+    log = WarningLog()
+    logging.getLogger().addHandler(log)
+    import comfy.lora
+    import comfy.model_management
+    import comfy.model_patcher
+    import folder_paths
+    import nodes
+
+    log.take()
+    package = os.path.join(ROOT, "integrations", "comfyui", "comfyui-sara")
+    if not asyncio.run(nodes.load_custom_node(package)) or "LoadSaRA" not in nodes.NODE_CLASS_MAPPINGS:
+        report.fail(f"ComfyUI did not load the custom node package {package}")
+        return
+    for case in cases:
+        folder_paths.add_model_folder_path("loras", os.path.dirname(case.path))
+        filename = os.path.basename(case.path)
+        if filename not in folder_paths.get_filename_list("loras"):
+            report.fail(f"{filename} is not listed in ComfyUI's loras")
+        model, clip = comfy_models(case, report)
+        for message in log.take():
+            report.fail(f"comfyui {case.kind} model load: {message[:300]}")
+        with safe_open(case.path, "pt") as f:
+            names = sorted(k[:-len(".sara_values")] for k in f.keys() if k.endswith(".sara_values"))
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        keys = {}
+        for name in names:
+            key = key_map.get(name)
+            if key is None:
+                report.fail(f"comfyui {case.kind}: ComfyUI's key map has no {name}")
+                continue
+            if key != ldm_names.comfy_key(name, case.arch):
+                report.fail(f"comfyui {case.kind}: {name} -> ComfyUI {key}, ldm_names {ldm_names.comfy_key(name, case.arch)}")
+            keys[name] = key
+        base_unet = {k: v.clone() for k, v in model.model.state_dict().items()}
+        base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+        for name, key in keys.items():  # the host holds the same base weights as our tiny model
+            owner = base_unet if name.startswith("lora_unet_") else base_clip
+            report.compare(f"comfyui base {key}", owner[key], case.base[name].weight.detach())
+        print(f"  comfyui {case.kind}: {len(keys)} of {len(names)} SaRA modules found in ComfyUI's key map")
+
+        loaders = {"LoraLoader": nodes.LoraLoader().load_lora,
+                   "Load SaRA": nodes.NODE_CLASS_MAPPINGS["LoadSaRA"]().load_sara}
+        for label, load in loaders.items():
+            patched_model, patched_clip = load(model, clip, filename, UNET_MULTIPLIER, TE_MULTIPLIER)
+            for message in log.take():
+                report.fail(f"comfyui {case.kind} {label}: {message[:300]}")
+            comfy.model_management.load_models_gpu([patched_model])  # what sampling does first
+            patched_clip.load_model()  # what CLIPTextEncode does first
+            check_weights(f"comfyui {case.kind} {label}", case, keys, patched_model.model.state_dict(),
+                          patched_clip.cond_stage_model.state_dict(), base_unet, base_clip, report)
+            comfy.model_management.unload_all_models()
+            check_weights(f"comfyui {case.kind} {label} unpatched", case, {}, model.model.state_dict(),
+                          clip.cond_stage_model.state_dict(), base_unet, base_clip, report)
+
+        # Low VRAM: ComfyUI leaves a U-Net layer's weight alone and patches it in each forward
+        patched_model, _ = nodes.LoraLoader().load_lora(model, clip, filename, UNET_MULTIPLIER, TE_MULTIPLIER)
+        patched_model.patch_model(lowvram_model_memory=1)  # a 1-byte budget: no layer fits
+        generator = torch.Generator().manual_seed(3)
+        for name, key in keys.items():
+            if not name.startswith("lora_unet_"):
+                continue
+            layer, want = target_of(patched_model, key), case.expected[name]
+            if not any(isinstance(f, comfy.model_patcher.LowVramPatch) for f in getattr(layer, "weight_function", [])):
+                report.fail(f"comfyui {case.kind} low-vram: {key} has no LowVramPatch")
+                continue
+            shape = (2, want.in_channels, 4, 4) if isinstance(want, torch.nn.Conv2d) else (2, want.in_features)
+            x = torch.randn(shape, generator=generator)
+            with torch.no_grad():
+                report.compare(f"comfyui {case.kind} low-vram forward {key}", layer(x), want(x), exact=False)
+        patched_model.unpatch_model()
+        check_weights(f"comfyui {case.kind} low-vram unpatched", case, {}, model.model.state_dict(),
+                      clip.cond_stage_model.state_dict(), base_unet, base_clip, report)
+    logging.getLogger().removeHandler(log)
+
+
+def check_weights(label, case, keys, unet_state, clip_state, base_unet, base_clip, report: Report) -> None:
+    """Patched modules equal the expected weights (and biases); every other tensor equals the base."""
+    expected = {}
+    for name, key in keys.items():
+        expected[key] = case.expected[name].weight
+        if case.expected[name].bias is not None:
+            expected[key[:-len("weight")] + "bias"] = case.expected[name].bias
+    patched = sum(1 for key in expected if not torch.equal(expected[key].detach(), (base_unet | base_clip)[key]))
+    for state, base in ((unet_state, base_unet), (clip_state, base_clip)):
+        changed = [key for key in base if key not in expected and not torch.equal(state[key], base[key])]
+        if changed:
+            report.fail(f"{label}: {len(changed)} weights changed that the file does not patch: {changed[:4]}")
+        for key in expected.keys() & base.keys():
+            report.compare(f"{label} {key}", state[key], expected[key])
+    if keys:
+        print(f"  {label}: {len(expected)} tensors compared ({patched} changed by the file)")
