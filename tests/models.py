@@ -214,6 +214,24 @@ def tiny_sdxl(seed: int = 0, text_layers: int = 2):
 
 
 # ---------------------------------------------------------------------------------------------
+def random_sara_file(models, path: str, seed: int, metadata: dict):
+    """A SaRA network on `models` (5% density, biases too) with random deltas, saved to `path`;
+    fp16-exact values, so the fp16 file is lossless. Returns the network, applied to the models."""
+    import sara_network
+
+    te = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
+    net = sara_network.create_network(1.0, None, None, None, te, models.unet, density="0.05", include_bias="true")
+    net.apply_to(te, models.unet, True, True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in net.trainable_parameters():
+            parameter.copy_((torch.randn(parameter.shape, generator=generator) * 0.1).half().float())
+    version = "sdxl_base_v1-0" if models.kind == "sdxl" else "sd_v1"
+    net.save(path, torch.float16, {"ss_base_model_version": version, **metadata})
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
 def batch(kind: str, seed: int, size: int = 2):
     """A fixed (latents, timesteps, token ids, target noise) batch for a denoising step."""
     generator = torch.Generator().manual_seed(seed)

@@ -11,12 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import sara_network
 from sara_network import fileformat, host_patch, ldm_names
 from sara_network.ldm_names import ARCHS, UNetLayout
 from sara_network.naming import text_encoder_prefixes
 from sara_network.network import all_targets
-from tests.models import tiny_sd1, tiny_sdxl, tiny_text_encoder
+from tests.models import random_sara_file, tiny_sd1, tiny_sdxl, tiny_text_encoder
 
 SD15 = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -128,21 +127,6 @@ def test_text_encoder_and_a1111_names():
 
 # ---------------------------------------------------------------------------------------------
 # deltas
-def trained_file(tmp_path, models):
-    """A native file of a network with random deltas on models (fp16-exact, so the file is lossless)."""
-    te = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
-    net = sara_network.create_network(1.0, None, None, None, te, models.unet, density="0.05", include_bias="true")
-    net.apply_to(te, models.unet, True, True)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in net.trainable_parameters():
-            parameter.copy_((torch.randn(parameter.shape, generator=generator) * 0.1).half().float())
-    path = str(tmp_path / f"{models.kind}.safetensors")
-    version = "sdxl_base_v1-0" if models.kind == "sdxl" else "sd_v1"
-    net.save(path, torch.float16, {"ss_base_model_version": version, "ss_output_name": "style"})
-    return net, path
-
-
 def host_weights(models, arch):
     """{kohya name: (module, checkpoint target)} for every Linear / Conv2d of the models."""
     prefixes = text_encoder_prefixes(models.text_encoders)
@@ -170,7 +154,8 @@ def setup(request, tmp_path_factory):
     models = tiny_sd1() if request.param == "sd1" else tiny_sdxl()
     arch = TINY_SD1 if request.param == "sd1" else "sdxl"
     base = copy.deepcopy(models)
-    net, path = trained_file(tmp_path, models)
+    path = str(tmp_path / f"{models.kind}.safetensors")
+    net = random_sara_file(models, path, seed=3, metadata={"ss_output_name": "style"})
     multiplier = 0.7
     net.merge_into_base(multiplier)  # the reference: the network's own merge
     return dict(reference=host_weights(models, arch), base=host_weights(base, arch), arch=arch, path=path,

@@ -19,11 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import sara_network  # noqa: E402
 from sara_network import ldm_names  # noqa: E402
 from sara_network.naming import text_encoder_prefixes  # noqa: E402
 from sara_network.network import all_targets  # noqa: E402
-from tests.models import tiny_sd1, tiny_sdxl  # noqa: E402
+from tests.models import random_sara_file, tiny_sd1, tiny_sdxl  # noqa: E402
 
 UNET_MULTIPLIER = 0.7
 TE_MULTIPLIER = 0.4
@@ -59,16 +58,8 @@ def _modules(models) -> dict:
 def make_case(kind: str, folder: str) -> Case:
     models = tiny_sd1() if kind == "sd1" else tiny_sdxl(text_layers=3)  # SDXL hosts read the penultimate layer
     base = copy.deepcopy(models)
-    te = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
-    net = sara_network.create_network(1.0, None, None, None, te, models.unet, density="0.05", include_bias="true")
-    net.apply_to(te, models.unet, True, True)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for parameter in net.trainable_parameters():
-            parameter.copy_((torch.randn(parameter.shape, generator=generator) * 0.1).half().float())
     path = os.path.join(folder, f"sara_tiny_{kind}.safetensors")
-    net.save(path, torch.float16, {"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1",
-                                   "ss_output_name": f"tiny {kind} alias"})
+    net = random_sara_file(models, path, seed=7, metadata={"ss_output_name": f"tiny {kind} alias"})
     te_models, te_net = copy.deepcopy((models, net))  # the same network on a second copy of the model
     net.merge_into_base(UNET_MULTIPLIER)
     te_net.merge_into_base(TE_MULTIPLIER)
