@@ -150,7 +150,7 @@ def _import_host_models(path: str) -> None:
         _module("omegaconf.listconfig", ListConfig=list_config)
     try:
         import open_clip.model  # noqa: F401
-    except ImportError:  # torchvision missing: open_clip's text tower does not use it
+    except (ImportError, RuntimeError):  # torchvision missing or not loadable: the text tower needs none
         for name in [name for name in sys.modules if name.split(".")[0] in ("open_clip", "torchvision")]:
             del sys.modules[name]
         import transformers  # decide "torchvision is absent" before the stand-in exists
