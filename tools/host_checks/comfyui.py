@@ -26,11 +26,9 @@ import os
 import sys
 
 import torch
-from safetensors import safe_open
 
-from sara_network import ldm_names
-
-from tools.host_checks.common import ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report
+from tools.host_checks.common import (ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report, check_weights, compare_outputs,
+                                      host_keys)
 
 CLIP_VOCABULARY = 49408
 SD1_UNET_CONFIG = {  # the tiny diffusers U-Net of tests/models.py in ComfyUI's terms
@@ -146,25 +144,10 @@ def check(path: str, cases, report: Report) -> None:
         model, clip = comfy_models(case, report)
         for message in log.take():
             report.fail(f"comfyui {case.kind} model load: {message[:300]}")
-        with safe_open(case.path, "pt") as f:
-            names = sorted(k[:-len(".sara_values")] for k in f.keys() if k.endswith(".sara_values"))
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-        keys = {}
-        for name in names:
-            key = key_map.get(name)
-            if key is None:
-                report.fail(f"comfyui {case.kind}: ComfyUI's key map has no {name}")
-                continue
-            if key != ldm_names.comfy_key(name, case.arch):
-                report.fail(f"comfyui {case.kind}: {name} -> ComfyUI {key}, ldm_names {ldm_names.comfy_key(name, case.arch)}")
-            keys[name] = key
-        base_unet = {k: v.clone() for k, v in model.model.state_dict().items()}
-        base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
-        for name, key in keys.items():  # the host holds the same base weights as our tiny model
-            owner = base_unet if name.startswith("lora_unet_") else base_clip
-            report.compare(f"comfyui base {key}", owner[key], case.base[name].weight.detach())
-        print(f"  comfyui {case.kind}: {len(keys)} of {len(names)} SaRA modules found in ComfyUI's key map")
+        keys, base_unet, base_clip = host_keys(f"comfyui {case.kind}", case, key_map, model.model.state_dict(),
+                                               clip.cond_stage_model.state_dict(), report)
 
         loaders = {"LoraLoader": nodes.LoraLoader().load_lora,
                    "Load SaRA": nodes.NODE_CLASS_MAPPINGS["LoadSaRA"]().load_sara}
@@ -191,29 +174,8 @@ def check(path: str, cases, report: Report) -> None:
             if not any(isinstance(f, comfy.model_patcher.LowVramPatch) for f in getattr(layer, "weight_function", [])):
                 report.fail(f"comfyui {case.kind} low-vram: {key} has no LowVramPatch")
                 continue
-            shape = (2, want.in_channels, 4, 4) if isinstance(want, torch.nn.Conv2d) else (2, want.in_features)
-            x = torch.randn(shape, generator=generator)
-            with torch.no_grad():
-                report.compare(f"comfyui {case.kind} low-vram forward {key}", layer(x), want(x), exact=False)
+            compare_outputs(f"comfyui {case.kind} low-vram forward {key}", layer, want, generator, report)
         patched_model.unpatch_model()
         check_weights(f"comfyui {case.kind} low-vram unpatched", case, {}, model.model.state_dict(),
                       clip.cond_stage_model.state_dict(), base_unet, base_clip, report)
     logging.getLogger().removeHandler(log)
-
-
-def check_weights(label, case, keys, unet_state, clip_state, base_unet, base_clip, report: Report) -> None:
-    """Patched modules equal the expected weights (and biases); every other tensor equals the base."""
-    expected = {}
-    for name, key in keys.items():
-        expected[key] = case.expected[name].weight
-        if case.expected[name].bias is not None:
-            expected[key[:-len("weight")] + "bias"] = case.expected[name].bias
-    patched = sum(1 for key in expected if not torch.equal(expected[key].detach(), (base_unet | base_clip)[key]))
-    for state, base in ((unet_state, base_unet), (clip_state, base_clip)):
-        changed = [key for key in base if key not in expected and not torch.equal(state[key], base[key])]
-        if changed:
-            report.fail(f"{label}: {len(changed)} weights changed that the file does not patch: {changed[:4]}")
-        for key in expected.keys() & base.keys():
-            report.compare(f"{label} {key}", state[key], expected[key])
-    if keys:
-        print(f"  {label}: {len(expected)} tensors compared ({patched} changed by the file)")

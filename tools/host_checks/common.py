@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+from safetensors import safe_open
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
@@ -85,3 +86,53 @@ class Report:
             self.failed += 1
             diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("nan")
             print(f"  MISMATCH {label}: shapes {tuple(got.shape)} / {tuple(expected.shape)}, max |diff| {diff:.3g}")
+
+
+def check_weights(label, case, keys, unet_state, clip_state, base_unet, base_clip, report: Report) -> None:
+    """Patched modules equal the expected weights (and biases); every other tensor equals the base."""
+    expected = {}
+    for name, key in keys.items():
+        expected[key] = case.expected[name].weight
+        if case.expected[name].bias is not None:
+            expected[key[:-len("weight")] + "bias"] = case.expected[name].bias
+    patched = sum(1 for key in expected if not torch.equal(expected[key].detach(), (base_unet | base_clip)[key]))
+    for state, base in ((unet_state, base_unet), (clip_state, base_clip)):
+        changed = [key for key in base if key not in expected and not torch.equal(state[key], base[key])]
+        if changed:
+            report.fail(f"{label}: {len(changed)} weights changed that the file does not patch: {changed[:4]}")
+        for key in expected.keys() & base.keys():
+            report.compare(f"{label} {key}", state[key], expected[key])
+    if keys:
+        print(f"  {label}: {len(expected)} tensors compared ({patched} changed by the file)")
+
+
+def compare_outputs(label: str, layer, expected_layer, generator, report: Report) -> None:
+    """A host layer patched at run time gives the expected layer's output on a random input."""
+    shape = ((2, expected_layer.in_channels, 4, 4) if isinstance(expected_layer, torch.nn.Conv2d)
+             else (2, expected_layer.in_features))
+    x = torch.randn(shape, generator=generator)
+    with torch.no_grad():
+        report.compare(label, layer(x), expected_layer(x), exact=False)
+
+
+def host_keys(label: str, case: Case, key_map: dict, unet_state: dict, clip_state: dict, report: Report):
+    """({kohya name: host weight key} for every SaRA module in the file, from the host's own key map,
+    host U-Net tensors, host text-encoder tensors). Each key must be the one ldm_names.comfy_key
+    predicts and must hold our base weight."""
+    with safe_open(case.path, "pt") as f:
+        names = sorted(k[:-len(".sara_values")] for k in f.keys() if k.endswith(".sara_values"))
+    keys = {}
+    for name in names:
+        key = key_map.get(name)
+        if key is None:
+            report.fail(f"{label}: the host's key map has no {name}")
+            continue
+        if key != ldm_names.comfy_key(name, case.arch):
+            report.fail(f"{label}: {name} -> host {key}, ldm_names {ldm_names.comfy_key(name, case.arch)}")
+        keys[name] = key
+    base_unet = {k: v.clone() for k, v in unet_state.items()}
+    base_clip = {k: v.clone() for k, v in clip_state.items()}
+    for name, key in keys.items():
+        report.compare(f"{label} base {key}", (base_unet | base_clip)[key], case.base[name].weight.detach())
+    print(f"  {label}: {len(keys)} of {len(names)} SaRA modules found in the host's key map")
+    return keys, base_unet, base_clip

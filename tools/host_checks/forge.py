@@ -46,9 +46,9 @@ import types
 
 import torch
 
-from sara_network import fileformat, ldm_names
 
-from tools.host_checks.common import ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report, load_file_module
+from tools.host_checks.common import (ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report, check_weights, compare_outputs,
+                                      host_keys, load_file_module)
 
 SD1_UNET_CONFIG = {  # the tiny diffusers U-Net of tests/models.py in LDM terms, to rename its weights
     "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
@@ -169,23 +169,10 @@ def check(path: str, cases, report: Report) -> None:
         import networks  # sd_forge_lora's, as its lora_script imports it
     for case in cases:
         unet, clip = forge_unet(case, report), forge_clip(case, report)
-        names = sorted({k[:-len(".sara_values")] for k in fileformat.read_tensors(case.path)[0] if k.endswith(".sara_values")})
         key_map = forge_lora.model_lora_keys_unet(unet.model, {})
         key_map = forge_lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-        keys = {}
-        for name in names:
-            key = key_map.get(name)
-            if key is None:
-                report.fail(f"forge {case.kind}: Forge's key map has no {name}")
-                continue
-            if key != ldm_names.comfy_key(name, case.arch):
-                report.fail(f"forge {case.kind}: {name} -> Forge {key}, ldm_names {ldm_names.comfy_key(name, case.arch)}")
-            keys[name] = key
-        base_unet = {k: v.clone() for k, v in unet.model.state_dict().items()}
-        base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
-        for name, key in keys.items():  # Forge holds the same base weights as our tiny model
-            report.compare(f"forge base {key}", (base_unet | base_clip)[key], case.base[name].weight)
-        print(f"  forge {case.kind}: {len(keys)} of {len(names)} SaRA modules found in Forge's key map")
+        keys, base_unet, base_clip = host_keys(f"forge {case.kind}", case, key_map, unet.model.state_dict(),
+                                               clip.cond_stage_model.state_dict(), report)
 
         lora = networks.load_lora_state_dict(case.path)
         for online in (False, True):
@@ -226,26 +213,5 @@ def check_online(label, case, keys, unet, clip, report: Report) -> None:
         if "weight" not in getattr(layer, "forge_online_loras", {}):
             report.fail(f"{label}: {key} has no online patch")
             continue
-        shape = (2, want.in_channels, 4, 4) if isinstance(want, torch.nn.Conv2d) else (2, want.in_features)
-        x = torch.randn(shape, generator=generator)
-        with torch.no_grad():
-            report.compare(f"{label} forward {key}", layer(x), want(x), exact=False)
+        compare_outputs(f"{label} forward {key}", layer, want, generator, report)
     print(f"  {label}: {len(keys)} layer outputs compared")
-
-
-def check_weights(label, case, keys, unet_state, clip_state, base_unet, base_clip, report: Report) -> None:
-    """Patched modules equal the expected weights (and biases); every other tensor equals the base."""
-    expected = {}
-    for name, key in keys.items():
-        expected[key] = case.expected[name].weight
-        if case.expected[name].bias is not None:
-            expected[key[:-len("weight")] + "bias"] = case.expected[name].bias
-    patched = sum(1 for key in expected if not torch.equal(expected[key].detach(), (base_unet | base_clip)[key]))
-    for state, base in ((unet_state, base_unet), (clip_state, base_clip)):
-        changed = [key for key in base if key not in expected and not torch.equal(state[key], base[key])]
-        if changed:
-            report.fail(f"{label}: {len(changed)} weights changed that the file does not patch: {changed[:4]}")
-        for key in expected.keys() & base.keys():
-            report.compare(f"{label} {key}", state[key], expected[key])
-    if keys:
-        print(f"  {label}: {len(expected)} tensors compared ({patched} changed by the file)")
