@@ -107,8 +107,6 @@ def _target_names(unet) -> tuple[list[str], list[str]]:
 
 def setup_method(unet, cfg: dict) -> tuple[list, dict]:
     """Make `unet` trainable the way `cfg['method']` does; return (trainable params, info)."""
-    import torch
-
     method, budget = cfg["method"], cfg.get("budget")
     info: dict = {}
     unet.requires_grad_(False)

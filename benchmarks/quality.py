@@ -46,8 +46,6 @@ METHODS = ("sara", "sara_plain", "lora", "locon", "full")
 
 def setup(unet, method: str, steps: int) -> tuple[list, dict, object]:
     """Make the method's parameters trainable; returns (params, info, keep-alive object)."""
-    import torch
-
     from sara_network.network import SaraNetwork, collect_targets
     from sara_network.options import SaraConfig
 

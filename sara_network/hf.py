@@ -28,7 +28,7 @@ from torch import nn
 
 from . import fileformat
 from .fileformat import SaraFileError
-from .naming import UNET_PREFIX, component_of, text_encoder_prefixes
+from .naming import component_of, text_encoder_prefixes
 from .network import SaraNetwork, all_targets, collect_targets
 from .options import OPTION_NAMES, OPTIONS, SaraConfig, SaraOptionError, parse_network_args
 

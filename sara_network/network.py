@@ -15,7 +15,7 @@ import logging
 import math
 import weakref
 from collections import OrderedDict
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn

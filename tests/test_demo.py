@@ -1,5 +1,4 @@
 """The README quick start's main job, in its short mode, so it cannot rot."""
-import os
 import subprocess
 import sys
 

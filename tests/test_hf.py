@@ -227,7 +227,7 @@ def test_files_interchange_with_the_kohya_path(pipe, tmp_path):
     assert tensors_ours.keys() == tensors_kohya.keys()
     assert all(torch.equal(tensors_ours[k], tensors_kohya[k]) for k in tensors_kohya)
     loaded.unpatch()
-    unet_i, te_i = copy.deepcopy(base_unet), copy.deepcopy(base_te)
+    unet_i = copy.deepcopy(base_unet)
     hf.load_sara(unet_i, str(tmp_path / "kohya.safetensors"))  # a bare unet: text-encoder modules skipped
     assert [m.component for m in hf.get_sara_networks(unet_i)[0].sara_modules()] == \
         [m.component for m in kohya2.sara_modules() if m.component == "unet"]

@@ -9,7 +9,7 @@ import torch
 
 import models
 import sara_network
-from kohya_driver import delta_snapshot, freeze_and_cast, make_network, make_optimizer, text_encoder_arg, train_steps
+from kohya_driver import delta_snapshot, freeze_and_cast, make_network, make_optimizer, train_steps
 from sara_network.fileformat import SaraFileError, load_native, read_tensors
 from sara_network.network import SaraSelectionError
 from sara_network.options import SaraOptionError

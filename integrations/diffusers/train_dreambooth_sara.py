@@ -24,7 +24,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from sara_diffusers_common import (add_training_args, base_pipeline, check_args, generate_images, list_images,
+from sara_diffusers_common import (add_training_args, base_pipeline, check_args, list_images,
                                    load_models, make_accelerator, prepare_image, tokenize, train, weight_dtype_of)
 
 
