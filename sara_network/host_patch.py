@@ -71,6 +71,21 @@ def module_delta(delta: ModuleDelta, host_weight_shape: Optional[tuple] = None, 
     return weight_delta(delta, host_weight_shape, multiplier, device), bias_delta(delta, multiplier, device)
 
 
+def output_delta(delta: ModuleDelta, x: torch.Tensor, multiplier: float = 1.0,
+                 conv: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
+    """What multiplier * delta adds to the layer's output for input x (no bias): for hosts that run
+    it beside the untouched layer (ComfyUI's bypass mode) instead of patching the weight. `conv`:
+    the layer's kernel_size, stride, padding, dilation and groups when it is a Conv2d."""
+    if conv is None:
+        shape = (delta.shape[0], delta.numel // delta.shape[0])
+        return torch.nn.functional.linear(x, weight_delta(delta, shape, multiplier, x.device).to(x.dtype))
+    kernel = tuple(conv["kernel_size"])
+    shape = (delta.shape[0], delta.numel // (delta.shape[0] * math.prod(kernel)), *kernel)
+    weight = weight_delta(delta, shape, multiplier, x.device).to(x.dtype)
+    return torch.nn.functional.conv2d(x, weight, stride=conv.get("stride", 1), padding=conv.get("padding", 0),
+                                      dilation=conv.get("dilation", 1), groups=conv.get("groups", 1))
+
+
 def add_delta_(weight: torch.Tensor, delta: ModuleDelta, multiplier: float = 1.0) -> torch.Tensor:
     """weight += multiplier * delta at the selected entries only, in place, in the weight's dtype
     (no dense delta is built: Forge's fp32 merge copy of an SDXL layer stays the only big tensor)."""

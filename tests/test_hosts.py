@@ -226,6 +226,27 @@ def test_forge_and_comfy_patches_are_exact(setup):
             assert torch.equal(comfy, expected), key
 
 
+def test_bypass_output_delta_matches_the_merged_layer(setup):
+    """ComfyUI's bypass mode: the untouched layer's output plus output_delta (and the bias delta, which
+    ComfyUI still patches into the bias) equals the merged layer's output."""
+    generator = torch.Generator().manual_seed(5)
+    for delta in setup["deltas"]:
+        module, reference = setup["base"][delta.name][0], setup["reference"][delta.name][0]
+        conv = None
+        if isinstance(module, torch.nn.Conv2d):
+            conv = dict(kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+                        dilation=module.dilation, groups=module.groups)
+            x = torch.randn(2, module.in_channels, 6, 6, generator=generator)
+        else:
+            x = torch.randn(3, module.in_features, generator=generator)
+        with torch.no_grad():
+            got = module(x) + host_patch.output_delta(delta, x, setup["multiplier"], conv)
+            bias = host_patch.bias_delta(delta, setup["multiplier"])
+            if bias is not None:
+                got += bias.view(-1, 1, 1) if conv else bias
+            torch.testing.assert_close(got, reference(x), atol=1e-5, rtol=1e-4, msg=delta.name)
+
+
 def test_native_and_diff_file_patch_identically(setup, tmp_path):
     """A LyCORIS `diff` file built from the deltas gives the same weights through the same code path."""
     diff = {}

@@ -12,17 +12,20 @@ What runs is ComfyUI's code from --path, unmodified:
     key maps `model_lora_keys_unet` / `model_lora_keys_clip`, `lora_convert`, `load_lora`,
     `add_patches`) and through our "Load SaRA" node; `ModelPatcher.patch_model` writes the patched
     weights (`calculate_weight`), `unpatch_model` restores them; with a low-VRAM budget the patch is
-    applied on the fly in each layer's forward (`LowVramPatch`), which is checked on layer outputs.
+    applied on the fly in each layer's forward (`LowVramPatch`), which is checked on layer outputs;
+  - where ComfyUI has it (0.9+), the "Load LoRA (Bypass)" node: `load_bypass_lora_for_models`, whose
+    `BypassForwardHook` adds our adapter's `h(x)` to each layer's output (checked on layer outputs).
 Every SaRA module must find its key in ComfyUI's own key map, and that key must be the one
 `sara_network.ldm_names.comfy_key` predicts; warnings ComfyUI logs while loading (missing or
 unexpected weights, "lora key not loaded", "NOT LOADED") count as failures.
-Run against ComfyUI 3cd7b32f (2026-01-07) on CPU with torch 2.14.1.
+Run against ComfyUI 3cd7b32f (2026-01-07) and v0.14.1 (19236edf) on CPU with torch 2.14.1.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import re
 import sys
 
 import torch
@@ -128,6 +131,7 @@ def check(path: str, cases, report: Report) -> None:
     import comfy.lora
     import comfy.model_management
     import comfy.model_patcher
+    import comfy.sd
     import folder_paths
     import nodes
 
@@ -163,6 +167,9 @@ def check(path: str, cases, report: Report) -> None:
             check_weights(f"comfyui {case.kind} {label} unpatched", case, {}, model.model.state_dict(),
                           clip.cond_stage_model.state_dict(), base_unet, base_clip, report)
 
+        if hasattr(comfy.sd, "load_bypass_lora_for_models"):  # ComfyUI 0.9+: "Load LoRA (Bypass)"
+            check_bypass(case, keys, model, clip, filename, log, report)
+
         # Low VRAM: ComfyUI leaves a U-Net layer's weight alone and patches it in each forward
         patched_model, _ = nodes.LoraLoader().load_lora(model, clip, filename, UNET_MULTIPLIER, TE_MULTIPLIER)
         patched_model.patch_model(lowvram_model_memory=1)  # a 1-byte budget: no layer fits
@@ -179,3 +186,28 @@ def check(path: str, cases, report: Report) -> None:
         check_weights(f"comfyui {case.kind} low-vram unpatched", case, {}, model.model.state_dict(),
                       clip.cond_stage_model.state_dict(), base_unet, base_clip, report)
     logging.getLogger().removeHandler(log)
+
+
+def check_bypass(case, keys, model, clip, filename, log, report: Report) -> None:
+    """ComfyUI's bypass loader: weights stay untouched (biases are still patched) and each layer's
+    forward adds the adapter's h(x); checked on layer outputs, then restored on unload."""
+    import comfy.model_management
+    from comfy.weight_adapter.bypass import BypassForwardHook
+    from comfy_extras.nodes_lora_debug import LoraLoaderBypass
+
+    label = f"comfyui {case.kind} bypass"
+    patched_model, patched_clip = LoraLoaderBypass().load_lora(model, clip, filename, UNET_MULTIPLIER, TE_MULTIPLIER)
+    for message in log.take():  # ComfyUI offers every adapter to the U-Net and warns for the CLIP's
+        if not re.fullmatch(r"\[BypassLoRA\] Adapter key not in model state_dict: clip_[lg]\.transformer\..*", message):
+            report.fail(f"{label}: {message[:300]}")
+    comfy.model_management.load_models_gpu([patched_model])
+    patched_clip.load_model()
+    generator = torch.Generator().manual_seed(4)
+    for name, key in keys.items():
+        layer = target_of(patched_model if name.startswith("lora_unet_") else patched_clip, key)
+        if not isinstance(getattr(layer.forward, "__self__", None), BypassForwardHook):
+            report.fail(f"{label}: {key} has no bypass hook")
+            continue
+        compare_outputs(f"{label} forward {key}", layer, case.expected[name], generator, report)
+    print(f"  {label}: {len(keys)} layer outputs compared")
+    comfy.model_management.unload_all_models()

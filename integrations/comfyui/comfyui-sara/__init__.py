@@ -33,6 +33,12 @@ class SaraAdapter(comfy.weight_adapter.WeightAdapterBase):
         weight += function(update.to(weight.dtype))
         return weight
 
+    def h(self, x, base_out):
+        """Bypass mode (newer ComfyUI): the delta's share of the layer output, added beside the
+        untouched layer; ComfyUI's BypassForwardHook sets multiplier, is_conv, kernel_size, kw_dict."""
+        conv = dict(self.kw_dict, kernel_size=self.kernel_size) if getattr(self, "is_conv", False) else None
+        return host_patch.output_delta(self.delta, x, getattr(self, "multiplier", 1.0), conv)
+
 
 def _with_sara_biases(load_lora):
     def wrapped(lora, to_load, *args, **kwargs):
