@@ -95,20 +95,24 @@ def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if k not in _NATIVE_ONLY_KEYS}
 
 
+def modelspec_metadata(version: str) -> dict[str, str]:
+    """modelspec 1.0.1 keys for a kohya base model version: Forge's Lora page takes the SD version of
+    an SD1 file only from modelspec.architecture (A1111 and ComfyUI need none)."""
+    architecture, implementation, resolution = BASE_MODELS[version]
+    return {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": architecture,
+            "modelspec.implementation": implementation, "modelspec.resolution": resolution}
+
+
 def adapter_metadata(source: Mapping[str, str], version: str, title: str, network_module: str,
                      dim: Optional[int] = None, extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """The metadata UIs read (consumers.md section 3): ss_* minimum keys and modelspec 1.0.1."""
-    architecture, implementation, resolution = BASE_MODELS[version]
     metadata = carried_metadata(source)
     metadata.update({
         "ss_base_model_version": version,
         "ss_v2": str(version.startswith("sd_v2")),
         "ss_network_module": network_module,
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": architecture,
-        "modelspec.implementation": implementation,
+        **modelspec_metadata(version),
         "modelspec.title": source.get("modelspec.title", title),
-        "modelspec.resolution": resolution,
     })
     if dim is not None:
         metadata["ss_network_dim"] = metadata["ss_network_alpha"] = str(dim)

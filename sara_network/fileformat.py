@@ -186,7 +186,7 @@ _SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
-_HASH_PLACEHOLDER = "0x" + "?" * 64  # as long as the "0x" + sha256 hex digest that replaces it
+_HASH_PLACEHOLDER = "?" * 64  # as long as the sha256 hex digest that replaces it (kohya writes no "0x")
 
 
 def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
@@ -225,7 +225,7 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: 
             digest.update(data)
         if with_hash:
             stream.seek(8 + blob.index(_HASH_PLACEHOLDER.encode()))
-            stream.write(("0x" + digest.hexdigest()).encode())
+            stream.write(digest.hexdigest().encode())
 
 
 def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str],

@@ -396,7 +396,14 @@ class SaraNetwork(nn.Module):
         }
 
     def save(self, path: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> None:
+        """A native file; given a known ss_base_model_version and no modelspec (kohya writes its own),
+        the modelspec keys the UIs' Lora pages read are added."""
+        from .convert import BASE_MODELS, modelspec_metadata
+
         merged = dict(metadata or {})
+        version = merged.get("ss_base_model_version")
+        if version in BASE_MODELS and "modelspec.architecture" not in merged:
+            merged.update(modelspec_metadata(version))
         merged.update(self.file_metadata())
         fileformat.save_native(path, self.deltas(), dtype, merged)
 

@@ -15,7 +15,7 @@ from test_convert import ldm_checkpoint, trained_native
 def data_section_sha256(serialized: bytes) -> str:
     """The addnet / sshs_model_hash of a safetensors file: sha256 of everything after the header."""
     header_length = struct.unpack("<Q", serialized[:8])[0]
-    return "0x" + hashlib.sha256(serialized[8 + header_length:]).hexdigest()
+    return hashlib.sha256(serialized[8 + header_length:]).hexdigest()
 
 
 def test_streaming_writer_round_trips_every_dtype_and_hashes_the_data(tmp_path):

@@ -162,6 +162,16 @@ def setup(request, tmp_path_factory):
                 multiplier=multiplier, deltas=fileformat.load_native(path)[0])
 
 
+def test_native_file_has_what_the_lora_pages_read(setup):
+    """A1111 / Forge list a file by ss_output_name, SD version (Forge: modelspec.architecture for SD1,
+    ss_base_model_version for SDXL) and sshs_model_hash."""
+    metadata = fileformat.read_tensors(setup["path"])[1]
+    architecture = {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+    kind = "sdxl" if setup["arch"] == "sdxl" else "sd1"
+    assert metadata["modelspec.architecture"] == architecture[kind]
+    assert metadata["ss_output_name"] == "style" and len(metadata["sshs_model_hash"]) == 64
+
+
 def test_checkpoint_merge_is_exact(setup):
     checkpoint = ldm_checkpoint(setup["base"])
     missing = host_patch.patch_checkpoint_(checkpoint, setup["deltas"], setup["arch"], setup["multiplier"])

@@ -149,7 +149,7 @@ def test_sshs_model_hash_is_the_data_section_hash(tmp_path):
     raw = path.read_bytes()
     header = struct.unpack("<Q", raw[:8])[0]
     metadata = json.loads(raw[8:8 + header])["__metadata__"]
-    assert metadata["sshs_model_hash"] == "0x" + hashlib.sha256(raw[8 + header:]).hexdigest()
+    assert metadata["sshs_model_hash"] == hashlib.sha256(raw[8 + header:]).hexdigest()
 
 
 def test_ckpt_is_tensor_only_and_loads_without_pickle(tmp_path):

@@ -53,7 +53,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import tempfile
 import types
@@ -62,7 +61,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from sara_network import ldm_names
+from sara_network import fileformat, ldm_names
 
 from tools.host_checks import common
 from tools.host_checks.common import ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Case, Report, load_file_module
@@ -84,17 +83,6 @@ def _module(name: str, **attributes) -> types.ModuleType:
     return module
 
 
-def _read_metadata_from_safetensors(filename):
-    """What modules.sd_models.read_metadata_from_safetensors returns: the header's __metadata__."""
-    with safetensors.safe_open(filename, "pt") as file:
-        metadata = dict(file.metadata() or {})
-    for key, value in metadata.items():
-        if value[:1] == "{":
-            with contextlib.suppress(ValueError):
-                metadata[key] = json.loads(value)
-    return metadata
-
-
 def _install_webui_stand_ins(lora_dir: str) -> types.ModuleType:
     options = dict(lora_functional=False, lora_preferred_name="Alias from file", lora_add_hashes_to_infotext=True,
                    lora_bundled_ti_to_infotext=True, lora_show_all=False, lora_hide_unknown_for_versions=[],
@@ -106,7 +94,7 @@ def _install_webui_stand_ins(lora_dir: str) -> types.ModuleType:
     shared = _module("modules.shared", opts=types.SimpleNamespace(**options), cmd_opts=cmd_opts, sd_model=None,
                      state=types.SimpleNamespace(interrupted=False), options_templates={})
     shared.walk_files = importlib.import_module("modules.util").walk_files  # the real one
-    _module("modules.sd_models", read_metadata_from_safetensors=_read_metadata_from_safetensors,
+    _module("modules.sd_models", read_metadata_from_safetensors=common.read_safetensors_metadata,
             read_state_dict=lambda filename, *args, **kwargs: safetensors.torch.load_file(filename, device="cpu"))
     _module("modules.cache", cache=lambda subsection: {}, dump_cache=lambda: None,
             cached_data_for_file=lambda subsection, title, filename, func: func())
@@ -447,30 +435,6 @@ def _compare(report: Report, label: str, layer, kohya: str, want) -> None:
         report.compare(f"{label} {kohya} bias", bias, want.bias)
 
 
-def _network_on_disk(case: Case, lora_dir: str, networks, report: Report, label: str):
-    """The file as the Lora page lists it: alias, SD version and hash from the metadata."""
-    for old in os.listdir(lora_dir):
-        if old.endswith(".safetensors"):
-            os.remove(os.path.join(lora_dir, old))
-    name = os.path.splitext(os.path.basename(case.path))[0]
-    shutil.copy(case.path, os.path.join(lora_dir, name + ".safetensors"))
-    networks.list_available_networks()
-    on_disk = networks.available_networks.get(name)
-    if on_disk is None:
-        report.fail(f"{label}: list_available_networks did not list {name}")
-        return None
-    with safetensors.safe_open(case.path, "pt") as file:
-        metadata = file.metadata()
-    version = "SDXL" if case.kind == "sdxl" else "SD1"
-    for what, got, want in (("alias", on_disk.alias, metadata["ss_output_name"]),
-                            ("sd_version", on_disk.sd_version.name, version),
-                            ("shorthash", on_disk.shorthash, metadata["sshs_model_hash"][:12]),
-                            ("alias lookup", networks.available_network_aliases.get(on_disk.alias), on_disk)):
-        if got != want:
-            report.fail(f"{label}: NetworkOnDisk {what} is {got!r}, expected {want!r}")
-    return on_disk
-
-
 def _load(networks, names, report: Report, label: str):
     with _network_log() as log:
         networks.load_networks(names, te_multipliers=[TE_MULTIPLIER] * len(names),
@@ -504,7 +468,7 @@ def _partial_attention_case(case: Case, folder: str) -> Case:
     prefix = "lora_te2_text_model_encoder_layers_0_self_attn_"
     kept = {k: v for k, v in tensors.items() if not k.startswith(tuple(prefix + p for p in ("k_", "v_", "out_")))}
     path = os.path.join(folder, "sara_tiny_sdxl_q_only.safetensors")
-    safetensors.torch.save_file(kept, path, metadata)
+    fileformat.save_tensors(path, kept, metadata)  # with the sshs_model_hash of this file's data
     return dataclasses.replace(case, path=path)
 
 
@@ -515,7 +479,7 @@ def check_case(case: Case, folder: str, lora_dir: str, shared, networks, report:
     shared.opts.lora_functional = False
     networks.assign_network_names_to_compvis_modules(shared.sd_model)  # lora_script's on_model_loaded
     mapping = shared.sd_model.network_layer_mapping
-    on_disk = _network_on_disk(case, lora_dir, networks, report, label)
+    on_disk = common.check_listing(case, lora_dir, networks, report, label)
     if on_disk is None:
         return
     net = _load(networks, [on_disk.alias], report, f"{label} load")

@@ -7,10 +7,13 @@ UNET_MULTIPLIER, text-encoder modules at TE_MULTIPLIER, as the UIs' separate mul
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
+import json
 import os
+import shutil
 import sys
 
 import torch
@@ -136,3 +139,45 @@ def host_keys(label: str, case: Case, key_map: dict, unet_state: dict, clip_stat
         report.compare(f"{label} base {key}", (base_unet | base_clip)[key], case.base[name].weight.detach())
     print(f"  {label}: {len(keys)} of {len(names)} SaRA modules found in the host's key map")
     return keys, base_unet, base_clip
+
+
+def read_safetensors_metadata(filename: str) -> dict:
+    """What the webuis' sd_models.read_metadata_from_safetensors returns: the header's __metadata__
+    (a stand-in: the real module needs the whole webui)."""
+    with safe_open(filename, "pt") as file:
+        metadata = dict(file.metadata() or {})
+    for key, value in metadata.items():
+        if value[:1] == "{":
+            with contextlib.suppress(ValueError):
+                metadata[key] = json.loads(value)
+    return metadata
+
+
+def check_listing(case: Case, lora_dir: str, networks, report: Report, label: str):
+    """The file as the A1111 / Forge Lora page lists it (their networks.list_available_networks):
+    alias, SD version and hash from the metadata. Returns the NetworkOnDisk, or None."""
+    for old in os.listdir(lora_dir):
+        if old.endswith(".safetensors"):
+            os.remove(os.path.join(lora_dir, old))
+    name = os.path.splitext(os.path.basename(case.path))[0]
+    shutil.copy(case.path, os.path.join(lora_dir, name + ".safetensors"))
+    networks.list_available_networks()
+    on_disk = networks.available_networks.get(name)
+    if on_disk is None:
+        report.fail(f"{label}: list_available_networks did not list {name}")
+        return None
+    with safe_open(case.path, "pt") as file:
+        metadata = file.metadata()
+    from modules import hashes  # the host's: what it would show for a file without sshs_model_hash
+
+    with open(case.path, "rb") as file:
+        own_hash = hashes.addnet_hash_safetensors(file)
+    version = "SDXL" if case.kind == "sdxl" else "SD1"
+    for what, got, want in (("alias", on_disk.alias, metadata["ss_output_name"]),
+                            ("sd_version", on_disk.sd_version.name, version),
+                            ("shorthash", on_disk.shorthash, metadata["sshs_model_hash"][:12]),
+                            ("hash (the webui's own addnet hash of the file)", on_disk.hash, own_hash),
+                            ("alias lookup", networks.available_network_aliases.get(on_disk.alias), on_disk)):
+        if got != want:
+            report.fail(f"{label}: NetworkOnDisk {what} is {got!r}, expected {want!r}")
+    return on_disk

@@ -40,15 +40,15 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import types
 
 import torch
 
-
-from tools.host_checks.common import (ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report, check_weights, compare_outputs,
-                                      host_keys, load_file_module)
+from tools.host_checks.common import (ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report, check_listing, check_weights,
+                                      compare_outputs, host_keys, load_file_module, read_safetensors_metadata)
 
 SD1_UNET_CONFIG = {  # the tiny diffusers U-Net of tests/models.py in LDM terms, to rename its weights
     "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
@@ -70,6 +70,7 @@ def install_stand_ins(lora_dir: str) -> None:
         module = types.ModuleType(f"modules.{name}", "stand-in: unused by load_lora_for_models")
         sys.modules[f"modules.{name}"] = module
         setattr(modules, name, module)
+    modules.sd_models.read_metadata_from_safetensors = read_safetensors_metadata  # for the Lora page's listing
     import modules.util  # Forge's; it imports the stand-in shared
 
     shared.walk_files = modules.util.walk_files
@@ -164,10 +165,12 @@ def check(path: str, cases, report: Report) -> None:
     from backend.patcher import lora as forge_lora
 
     load_file_module("sara_network_forge", os.path.join(ROOT, "integrations/forge/sd-forge-sara/scripts/sara_network_forge.py"))
-    with tempfile.TemporaryDirectory() as lora_dir:
-        install_stand_ins(lora_dir)
-        import networks  # sd_forge_lora's, as its lora_script imports it
+    lora_dir = tempfile.mkdtemp(prefix="forge-lora-")
+    install_stand_ins(lora_dir)
+    import networks  # sd_forge_lora's, as its lora_script imports it
+
     for case in cases:
+        check_listing(case, lora_dir, networks, report, f"forge {case.kind} listing")
         unet, clip = forge_unet(case, report), forge_clip(case, report)
         key_map = forge_lora.model_lora_keys_unet(unet.model, {})
         key_map = forge_lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
@@ -200,6 +203,7 @@ def check(path: str, cases, report: Report) -> None:
             if any(hasattr(m, "forge_online_loras") for o in (unet.model, clip.cond_stage_model) for m in o.modules()):
                 report.fail(f"{label} restored: a layer still has online patches")
         memory_management.unload_all_models()
+    shutil.rmtree(lora_dir)
 
 
 def check_online(label, case, keys, unet, clip, report: Report) -> None:
