@@ -9,9 +9,8 @@ import dataclasses
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from sara_network import fileformat, host_patch, ldm_names
+from sara_network import cli, fileformat, host_patch, ldm_names
 from sara_network.ldm_names import ARCHS, UNetLayout
 from sara_network.naming import text_encoder_prefixes
 from sara_network.network import all_targets
@@ -258,23 +257,23 @@ def test_bypass_output_delta_matches_the_merged_layer(setup):
 
 
 def test_native_and_diff_file_patch_identically(setup, tmp_path):
-    """A LyCORIS `diff` file built from the deltas gives the same weights through the same code path."""
-    diff = {}
-    for delta in setup["deltas"]:
-        diff[f"{delta.name}.diff"] = delta.dense()
-        if delta.bias_indices is not None:
-            diff[f"{delta.name}.diff_b"] = host_patch.bias_delta(delta)
+    """The `sara to-diff` export (LyCORIS `diff`) gives the same weights through the same code path."""
     diff_path = str(tmp_path / "diff.safetensors")
-    save_file(diff, diff_path)
+    assert cli.main(["to-diff", setup["path"], diff_path]) == 0
     diff_tensors, _ = fileformat.read_tensors(diff_path)
     dense = host_patch.native_to_dense_patches(setup["path"])
-    assert dense.keys() == {key.split(".")[0] for key in diff_tensors}
+    fillers = {key.split(".")[0] for key in diff_tensors} - dense.keys()  # zero OpenCLIP siblings for A1111
+    assert all(not diff_tensors[f"{name}.diff"].any() for name in fillers)
     for name, (weight, bias) in dense.items():
-        assert torch.equal(weight, diff_tensors[f"{name}.diff"])
+        assert torch.equal(weight.half(), diff_tensors[f"{name}.diff"])
         assert (bias is None) == (f"{name}.diff_b" not in diff_tensors)
-        module = setup["base"][name][0]
-        native = forge_merge(module.weight, ("sara", next(d for d in setup["deltas"] if d.name == name)), 0.7)
-        assert torch.equal(native, forge_merge(module.weight, ("diff", (diff_tensors[f"{name}.diff"],)), 0.7))
+        module, delta = setup["base"][name][0], next(d for d in setup["deltas"] if d.name == name)
+        native = forge_merge(module.weight, ("sara", delta), 0.7)
+        assert torch.equal(native, forge_merge(module.weight, ("diff", (diff_tensors[f"{name}.diff"].float(),)), 0.7))
+        if bias is not None:
+            native_bias = module.bias.detach() + host_patch.bias_delta(delta, 0.7)
+            diff_bias = module.bias.detach() + 0.7 * diff_tensors[f"{name}.diff_b"].float()
+            assert torch.equal(native_bias, diff_bias), name
 
 
 def test_module_delta_shapes():
