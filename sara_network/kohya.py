@@ -46,6 +46,7 @@ class SaraKohyaNetwork(SaraNetwork):
         self._models = (list(text_encoders), unet)  # a tuple attribute: not registered as children
         self._pending_deltas = None  # from create_network_from_weights, adopted at apply_to
         self._applied = False
+        self._selection_deferred = False  # apply_to waits for load_weights(--network_weights)
         self._apply_flags = (True, True)  # (text encoders, U-Net) as kohya's apply_to asked
         self._args = None
         self._optimized: list[torch.nn.Parameter] = []
@@ -81,6 +82,13 @@ class SaraKohyaNetwork(SaraNetwork):
         apply_unet = apply_unet is not False and unet is not None
         self._apply_flags = (apply_text_encoder, apply_unet)
         if not self._applied:
+            if self._pending_deltas is None and getattr(self._args, "network_weights", None):
+                # kohya calls load_weights(--network_weights) right after this: the file fixes the
+                # entries, so selecting now (minutes on a large model) would be thrown away.
+                logger.info(f"SaRA: selection skipped, the entries come from {self._args.network_weights}")
+                self._selection_deferred = True
+                self.attach_optimizer_hooks()
+                return
             targets = self._targets(text_encoders, unet, apply_text_encoder, apply_unet, self.config.preset)
             if self._pending_deltas is not None:
                 deltas = [d for d in self._pending_deltas if any(t.name == d.name for t in targets)]
@@ -117,6 +125,10 @@ class SaraKohyaNetwork(SaraNetwork):
         self.adopt_deltas(targets, deltas, file)
         self.adopt_file_settings(metadata)
         self._applied = True
+        if self._selection_deferred:  # apply_to left the selection to this file: patch now
+            self._selection_deferred = False
+            self.log_selection()
+            self.patch()
         matches = self.check_base_hash(metadata.get("sara_base_hash"), file)
         info = (f"loaded {len(deltas)} SaRA modules, {sum(d.indices.numel() for d in deltas):,d} deltas from {file}"
                 + ("" if matches else " (base model differs)"))

@@ -85,9 +85,12 @@ class SaraModule(nn.Module):
         self.register_buffer("indices", indices)
         self.register_buffer("frozen_positions", torch.zeros(0, dtype=torch.int32, device=device))
         self.register_buffer("frozen_values", torch.zeros(0, dtype=torch.float32, device=device))
-        # Base values at the selected entries, taken before the host casts the model: the
-        # progressive step and the 'weights' rank target compare/penalise base + delta.
+        # The base weight's values at the selected entries, in the weight's dtype: the patched
+        # forward writes base + delta and restores these without a gather; the progressive step and
+        # the 'weights' rank target read them. Re-gathered when the host casts, moves or rewrites the
+        # weight (see current_base_values).
         self.register_buffer("base_values", self._gather_base(indices), persistent=False)
+        self._base_key = self._weight_key()
         self.bias_delta = None
         self.register_buffer("bias_indices", None)
         if bias_indices is not None and bias_indices.numel():
@@ -100,7 +103,31 @@ class SaraModule(nn.Module):
 
     def _gather_base(self, indices: torch.Tensor) -> torch.Tensor:
         weight = self.base.weight.detach().reshape(-1)
-        return weight[indices.to(weight.device)].to(torch.float16)
+        return weight.index_select(0, indices.to(device=weight.device, dtype=torch.int64))
+
+    def _weight_key(self) -> Optional[tuple]:
+        """What identifies the base weight's current values: storage, dtype, device and autograd's
+        version counter (bumped by every in-place write a host makes: copy_, load_state_dict).
+        None for inference tensors, which have no version counter."""
+        weight = self.base.weight
+        if weight.is_inference():
+            return None
+        return (weight.data_ptr(), weight.dtype, weight.device, weight._version)
+
+    def current_base_values(self) -> Optional[torch.Tensor]:
+        """base_values, re-gathered first if the weight changed since they were taken (None where a
+        change cannot be detected: the forward then gathers on every call)."""
+        key = self._weight_key()
+        if key is None:
+            return None
+        if key != self._base_key:
+            self.base_values = self._gather_base(self.indices)
+            self._base_key = key
+        return self.base_values
+
+    def base_values_fp32(self) -> torch.Tensor:
+        base = self.current_base_values()
+        return (self._gather_base(self.indices) if base is None else base).to(torch.float32)
 
     # --- patching -----------------------------------------------------------------------------
     def patch(self) -> None:
@@ -151,12 +178,14 @@ class SaraModule(nn.Module):
             return self._original_forward(x, *args, **kwargs) + self.delta_output(x, multiplier)
         base = self.base
         bias = self.effective_bias(multiplier)
+        base_values = self.current_base_values()
         if self.kind == "linear":
             return sparse_delta_linear(x, base.weight, bias, self.delta, self.indices, multiplier,
-                                       self.frozen_positions, self.frozen_values)
+                                       self.frozen_positions, self.frozen_values, base_values)
         x, padding = conv_padding(base, x)
         return sparse_delta_conv2d(x, base.weight, bias, self.delta, self.indices, multiplier, base.stride,
-                                   padding, base.dilation, base.groups, self.frozen_positions, self.frozen_values)
+                                   padding, base.dilation, base.groups, self.frozen_positions, self.frozen_values,
+                                   base_values)
 
     def delta_output(self, x, multiplier: float):
         """The layer applied with only m * delta as its weight (and m * bias delta as its bias)."""
@@ -443,6 +472,7 @@ class SaraNetwork(nn.Module):
             update = scale * module.pinned_delta().detach().to(device=merged.device, dtype=torch.float32)
             merged.index_put_((module.indices.to(merged.device),), merged[module.indices] + update)
             weight.data.copy_(merged.view(weight.shape).to(weight.dtype))
+            module._base_key = None  # written through .data: no version bump to notice it by
             bias = module.effective_bias(scale)
             if module.bias_delta is not None and bias is not None:
                 module.base.bias.data.copy_(bias.to(module.base.bias.dtype))
@@ -536,7 +566,7 @@ class SaraNetwork(nn.Module):
             module = eligible[position]
             entries = module.pinned_delta().detach().to(torch.float32)
             if self.config.rank_target == "weights":
-                entries = entries + module.base_values.to(torch.float32)
+                entries = entries + module.base_values_fp32()
             grad, norm = rank_penalty_grad(module.weight_shape, module.indices, entries, weight)
             if module.frozen_positions.numel():
                 grad.index_put_((module.frozen_positions,), torch.zeros((), dtype=grad.dtype))
@@ -562,7 +592,7 @@ class SaraNetwork(nn.Module):
         frozen_total = selected_total = 0
         for module in self.sara_modules():
             threshold = selection.fp32(self.thresholds.get(module.component, self.config.threshold))
-            current = module.base_values.to(torch.float32) + module.pinned_delta().detach().to(torch.float32)
+            current = module.base_values_fp32() + module.pinned_delta().detach().to(torch.float32)
             leaving = (current.abs() >= threshold) & ~module.frozen_mask()
             module.freeze_positions(leaving.nonzero().reshape(-1))
             frozen_total += int(module.frozen_positions.numel())

@@ -5,7 +5,8 @@ forward and again in backward; only what a frozen layer keeps is saved (the inpu
 by reference) plus the 1-D deltas and their int32 indices. When the layer computes in the weight's
 own dtype, the selected entries are written into the base weight's storage and restored bit for bit
 right after (no dense copy: O(selected) work instead of O(weight)); otherwise a cast copy is made,
-as a frozen layer under autocast would.
+as a frozen layer under autocast would. The caller may pass the base values at the selected entries
+(SaraModule keeps them): patch and restore are then two scattered writes with no gather.
 
 The delta gradient is (gᵀx) at the selected positions. By default the dense weight gradient is
 formed for one layer at a time, inside backward, and gathered down to the selected entries before
@@ -54,13 +55,24 @@ def effective_values(values: torch.Tensor, frozen_positions: Optional[torch.Tens
 
 
 def effective_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                     multiplier: float, dtype: torch.dtype) -> torch.Tensor:
-    """A fresh copy of W in `dtype` with the selected entries set to fp32(W + m*delta), rounded once."""
+                     multiplier: float, dtype: torch.dtype,
+                     base_at_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A fresh copy of W in `dtype` with the selected entries set to fp32(W + m*delta), rounded once.
+
+    `base_at_indices`, when given, are W's own values at `indices` (in W's dtype): it saves the gather.
+    """
     rebuilt = weight.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-    flat = rebuilt.view(-1)
-    selected = flat[indices].to(torch.float32) + multiplier * values.detach().to(torch.float32)
-    flat.index_put_((indices,), selected.to(dtype))
+    positions = indices.long()
+    original = weight.detach().reshape(-1).index_select(0, positions) if base_at_indices is None else base_at_indices
+    rebuilt.view(-1).index_copy_(0, positions, _patched_entries(original, values, multiplier, dtype))
     return rebuilt
+
+
+def _patched_entries(original: torch.Tensor, values: torch.Tensor, multiplier: float,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """fp32(base + m*delta) rounded once to `dtype`."""
+    delta = values.detach().to(torch.float32)
+    return (original.to(torch.float32) + (delta * multiplier if multiplier != 1.0 else delta)).to(dtype)
 
 
 def _patchable_in_place(weight: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -70,24 +82,27 @@ def _patchable_in_place(weight: torch.Tensor, dtype: torch.dtype) -> bool:
 
 @contextmanager
 def weight_with_delta(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                      multiplier: float, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+                      multiplier: float, dtype: torch.dtype,
+                      base_at_indices: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
     """W + m*scatter(values) in `dtype` for the body of the `with` block.
 
     Same entries as `effective_weight`; in the weight's own dtype they are written into the base
     weight in place (through `.data`, so autograd's version counters are untouched) and the original
-    entries are put back on exit, also on an exception. Callers must not let the yielded tensor escape.
+    entries are put back on exit, also on an exception. `base_at_indices` (W's values at `indices`,
+    in W's dtype, kept by the caller) spares the gather: two scattered passes per call instead of
+    three. Callers must not let the yielded tensor escape.
     """
     if not _patchable_in_place(weight, dtype):
-        yield effective_weight(weight, values, indices, multiplier, dtype)
+        yield effective_weight(weight, values, indices, multiplier, dtype, base_at_indices)
         return
     flat = weight.data.view(-1)
-    original = flat[indices]
-    selected = original.to(torch.float32) + multiplier * values.detach().to(torch.float32)
-    flat.index_put_((indices,), selected.to(dtype))
+    positions = indices.long()
+    original = flat.index_select(0, positions) if base_at_indices is None else base_at_indices
+    flat.index_copy_(0, positions, _patched_entries(original, values, multiplier, dtype))
     try:
         yield weight.data
     finally:
-        flat.index_put_((indices,), original)
+        flat.index_copy_(0, positions, original)
 
 
 def use_sampled_grad(indices: torch.Tensor, weight_numel: int, dtype: torch.dtype,
@@ -136,20 +151,20 @@ def _finish_delta_grad(grad: torch.Tensor, multiplier: float, frozen_positions: 
 
 class SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, frozen_positions, frozen_values, multiplier):
+    def forward(ctx, x, weight, bias, values, indices, frozen_positions, frozen_values, base_at_indices, multiplier):
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x_c = x.to(dtype)
             pinned = effective_values(values, frozen_positions, frozen_values)
-            with weight_with_delta(weight, pinned, indices, multiplier, dtype) as w_eff:
+            with weight_with_delta(weight, pinned, indices, multiplier, dtype, base_at_indices) as w_eff:
                 out = F.linear(x_c, w_eff, None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(x_c, weight, values, indices, frozen_positions, frozen_values)
+        ctx.save_for_backward(x_c, weight, values, indices, frozen_positions, frozen_values, base_at_indices)
         ctx.meta = (dtype, multiplier, x.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_c, weight, values, indices, frozen_positions, frozen_values = ctx.saved_tensors
+        x_c, weight, values, indices, frozen_positions, frozen_values, base_at_indices = ctx.saved_tensors
         dtype, multiplier, x_dtype, bias_dtype = ctx.meta
         need_x, _, need_bias, need_values = ctx.needs_input_grad[:4]
         grad_x = grad_bias = grad_values = None
@@ -157,7 +172,7 @@ class SparseDeltaLinear(torch.autograd.Function):
             g = grad_out.to(dtype)
             if need_x:
                 pinned = effective_values(values, frozen_positions, frozen_values)
-                with weight_with_delta(weight, pinned, indices, multiplier, dtype) as w_eff:
+                with weight_with_delta(weight, pinned, indices, multiplier, dtype, base_at_indices) as w_eff:
                     grad_x = g.matmul(w_eff).to(x_dtype)
             g2 = g.reshape(-1, g.shape[-1])
             if need_values:
@@ -165,32 +180,32 @@ class SparseDeltaLinear(torch.autograd.Function):
                 if use_sampled_grad(indices, weight.numel(), dtype, 0):
                     grad = sampled_grad(g2, x2, indices)
                 else:
-                    grad = g2.t().matmul(x2).reshape(-1)[indices]  # one layer's dense gradient, freed here
+                    grad = g2.t().matmul(x2).view(-1).index_select(0, indices.long())  # one layer's dense gradient, freed here
                 grad_values = _finish_delta_grad(grad, multiplier, frozen_positions, values.dtype)
             if need_bias:
                 grad_bias = g2.sum(0).to(bias_dtype)
-        return grad_x, None, grad_bias, grad_values, None, None, None, None
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None
 
 
 class SparseDeltaConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, frozen_positions, frozen_values, multiplier,
+    def forward(ctx, x, weight, bias, values, indices, frozen_positions, frozen_values, base_at_indices, multiplier,
                 stride, padding, dilation, groups):
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x_c = x.to(dtype)
             pinned = effective_values(values, frozen_positions, frozen_values)
-            with weight_with_delta(weight, pinned, indices, multiplier, dtype) as w_eff:
+            with weight_with_delta(weight, pinned, indices, multiplier, dtype, base_at_indices) as w_eff:
                 out = F.conv2d(x_c, w_eff, None if bias is None else bias.to(dtype),
                                stride, padding, dilation, groups)
-        ctx.save_for_backward(x_c, weight, values, indices, frozen_positions, frozen_values)
+        ctx.save_for_backward(x_c, weight, values, indices, frozen_positions, frozen_values, base_at_indices)
         ctx.meta = (dtype, multiplier, x.dtype, None if bias is None else bias.dtype,
                     stride, padding, dilation, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_c, weight, values, indices, frozen_positions, frozen_values = ctx.saved_tensors
+        x_c, weight, values, indices, frozen_positions, frozen_values, base_at_indices = ctx.saved_tensors
         dtype, multiplier, x_dtype, bias_dtype, stride, padding, dilation, groups = ctx.meta
         need_x, _, need_bias, need_values = ctx.needs_input_grad[:4]
         grad_values = None
@@ -199,7 +214,7 @@ class SparseDeltaConv2d(torch.autograd.Function):
             unfolded_numel = x_c.shape[0] * x_c.shape[1] * weight[0, 0].numel() * g[0, 0].numel()
             sampled = need_values and groups == 1 and use_sampled_grad(indices, weight.numel(), dtype, unfolded_numel)
             pinned = effective_values(values, frozen_positions, frozen_values)
-            with weight_with_delta(weight, pinned, indices, multiplier, dtype) as w_eff:
+            with weight_with_delta(weight, pinned, indices, multiplier, dtype, base_at_indices) as w_eff:
                 grad_x, dense, grad_bias = torch.ops.aten.convolution_backward(
                     g, x_c, w_eff, [w_eff.shape[0]] if need_bias else None,
                     list(stride), list(padding), list(dilation), False, [0, 0], groups,
@@ -210,7 +225,7 @@ class SparseDeltaConv2d(torch.autograd.Function):
                                     columns.transpose(1, 2).reshape(-1, columns.shape[1]), indices)
                 del columns
             elif need_values:
-                grad = dense.reshape(-1)[indices]  # one layer's dense gradient, freed here
+                grad = dense.reshape(-1).index_select(0, indices.long())  # one layer's dense gradient, freed here
                 del dense
             if need_values:
                 grad_values = _finish_delta_grad(grad, multiplier, frozen_positions, values.dtype)
@@ -218,14 +233,16 @@ class SparseDeltaConv2d(torch.autograd.Function):
             grad_x = grad_x.to(x_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias_dtype)
-        return (grad_x, None, grad_bias, grad_values, None, None, None, None, None, None, None, None)
+        return (grad_x, None, grad_bias, grad_values, None, None, None, None, None, None, None, None, None)
 
 
 def sparse_delta_linear(x, weight, bias, values, indices, multiplier=1.0,
-                        frozen_positions=None, frozen_values=None):
-    """y = x (W + m*scatter(values, indices))^T + b, with gradients for x, b and values only."""
+                        frozen_positions=None, frozen_values=None, base_at_indices=None):
+    """y = x (W + m*scatter(values, indices))^T + b, with gradients for x, b and values only.
+
+    `base_at_indices`: W's values at `indices` in W's dtype, if the caller keeps them (saves a gather)."""
     return SparseDeltaLinear.apply(x, weight, bias, values, indices, frozen_positions, frozen_values,
-                                   float(multiplier))
+                                   base_at_indices, float(multiplier))
 
 
 def _pair(value):
@@ -233,10 +250,10 @@ def _pair(value):
 
 
 def sparse_delta_conv2d(x, weight, bias, values, indices, multiplier=1.0, stride=1, padding=0,
-                        dilation=1, groups=1, frozen_positions=None, frozen_values=None):
+                        dilation=1, groups=1, frozen_positions=None, frozen_values=None, base_at_indices=None):
     """conv2d with weight W + m*scatter(values, indices); integer padding only (see conv_padding)."""
     return SparseDeltaConv2d.apply(x, weight, bias, values, indices, frozen_positions, frozen_values,
-                                   float(multiplier), _pair(stride), _pair(padding), _pair(dilation),
+                                   base_at_indices, float(multiplier), _pair(stride), _pair(padding), _pair(dilation),
                                    int(groups))
 
 

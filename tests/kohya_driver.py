@@ -18,10 +18,10 @@ def text_encoder_arg(m):
 
 
 def make_network(m, network_args: dict, max_train_steps: int = 8, train_text_encoder: bool = True,
-                 train_unet: bool = True):
+                 train_unet: bool = True, network_weights=None):
     network = sara_network.create_network(1.0, None, 1.0, None, text_encoder_arg(m), m.unet,
                                           neuron_dropout=None, dropout=None, **network_args)
-    network.prepare_network(types.SimpleNamespace(max_train_steps=max_train_steps))
+    network.prepare_network(types.SimpleNamespace(max_train_steps=max_train_steps, network_weights=network_weights))
     network.apply_to(text_encoder_arg(m), m.unet, train_text_encoder, train_unet)
     return network
 

@@ -218,7 +218,7 @@ def test_progressive_step_freezes_exactly():
     assert total_frozen > 0
     # what was frozen is exactly the set whose |w0 + delta| left the threshold
     for name, mod in network.named_children():
-        current = mod.base_values.float() + mod.pinned_delta().detach()
+        current = base_at_selected(mod) + mod.pinned_delta().detach()
         threshold = network.thresholds[mod.component]
         assert torch.equal((current.abs() >= threshold).nonzero().reshape(-1).to(torch.int32),
                            mod.frozen_positions)
@@ -236,13 +236,18 @@ def test_progressive_step_freezes_exactly():
     assert still_training > 0
 
 
+def base_at_selected(mod):
+    """The base weight's current values at the module's selected entries, read from the layer itself."""
+    return mod.base.weight.detach().reshape(-1)[mod.indices.long()].float()
+
+
 def nuclear_norm_of_masked(network, include_base: bool):
     """Sum over eligible layers of ||masked update|| (or ||masked weights||) _*, recomputed densely."""
     total = 0.0
     for mod in network.children():
         if len(mod.weight_shape) != 2 or min(mod.weight_shape) <= 16:
             continue
-        entries = mod.pinned_delta().detach() + (mod.base_values.float() if include_base else 0)
+        entries = mod.pinned_delta().detach() + (base_at_selected(mod) if include_base else 0)
         dense = torch.zeros(mod.weight_shape).view(-1).index_put((mod.indices.long(),), entries)
         total += float(torch.linalg.matrix_norm(dense.view(mod.weight_shape), ord="nuc"))
     return total
@@ -453,3 +458,34 @@ def test_budget_is_exact_and_include_bias_trains_biases(tmp_path):
     loaded = make_network(fresh, ARGS)
     loaded.load_weights(path)
     torch.testing.assert_close(outputs(fresh), patched)
+
+
+def test_network_weights_skips_the_selection_and_trains_from_the_file(tmp_path):
+    """With --network_weights kohya calls load_weights right after apply_to: nothing is selected
+    before the file is read, and the result equals loading the file over a full selection."""
+    m = models.tiny_sd1()
+    network = make_network(m, ARGS)
+    optimizer = make_optimizer(network)
+    freeze_and_cast(m, network)
+    train_steps(m, network, optimizer, 2)
+    path = str(tmp_path / "start.safetensors")
+    network.save_weights(path, torch.float32, {})
+
+    reference = models.tiny_sd1()
+    selected_first = make_network(reference, {**ARGS, "density": "0.2"})
+    selected_first.load_weights(path)
+
+    fresh = models.tiny_sd1()
+    deferred = make_network(fresh, {**ARGS, "density": "0.2"}, network_weights=path)
+    assert not deferred.sara_modules(), "apply_to selected entries that the file replaces"
+    deferred.load_weights(path)
+    assert {n: mod.indices for n, mod in deferred.named_children()}.keys() == \
+        {n: mod.indices for n, mod in selected_first.named_children()}.keys()
+    for (_, a), (_, b) in zip(deferred.named_children(), selected_first.named_children()):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.delta, b.delta)
+    torch.testing.assert_close(outputs(fresh), outputs(reference))
+    before = delta_snapshot(deferred)
+    optimizer = make_optimizer(deferred)
+    freeze_and_cast(fresh, deferred)
+    train_steps(fresh, deferred, optimizer, 2)
+    assert any(not torch.equal(before[n], d) for n, d in delta_snapshot(deferred).items())

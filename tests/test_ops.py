@@ -267,3 +267,51 @@ def test_conv2d_channels_last_input(grad_path):
     ref_values = values.detach().clone().requires_grad_(True)
     F.conv2d(x.detach(), dense_reference_weight(weight, ref_values, indices, 1.0), None, 1, 1).square().sum().backward()
     torch.testing.assert_close(values.grad, ref_values.grad, rtol=1e-4, atol=1e-4)
+
+
+def patched_reference_weight(weight, values, indices, multiplier, dtype):
+    """W in `dtype` with only the selected entries replaced by fp32(W + m*delta) rounded once."""
+    reference = weight.detach().to(dtype).clone()
+    flat = reference.view(-1)
+    selected = flat[indices.long()].float() + multiplier * values.detach().float()
+    flat[indices.long()] = selected.to(dtype)
+    return reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_channels_last"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_patch_with_kept_base_values_is_bit_exact(dtype, kind, cached):
+    """Forward, input gradient and delta gradient equal, bit for bit, the same ops on a patched
+    copy of the weight, with or without the caller's base values; the weight is restored exactly."""
+    generator = torch.Generator().manual_seed(60)
+    if kind == "linear":
+        weight = torch.randn(12, 10, generator=generator).to(dtype)
+        x = torch.randn(3, 4, 10, generator=generator).to(dtype)
+    else:
+        weight = torch.randn(6, 4, 3, 3, generator=generator).to(dtype)
+        x = torch.randn(2, 4, 5, 5, generator=generator).to(dtype)
+        if kind == "conv_channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    before = weight.clone()
+    support = random_support(weight.numel(), 0.3, 61)
+    delta = make_leaf(support.numel(), seed=62, scale=0.05)
+    base = weight.view(-1)[support.long()].clone() if cached else None
+    if kind == "linear":
+        out = sparse_delta_linear(x, weight, None, delta, support, 0.7, base_at_indices=base)
+    else:
+        out = sparse_delta_conv2d(x, weight, None, delta, support, 0.7, padding=1, base_at_indices=base)
+    grad = torch.randn(out.shape, generator=generator).to(dtype)
+    grad_x, grad_delta = torch.autograd.grad(out, [x, delta], grad)
+    assert torch.equal(weight, before)
+
+    ref_weight = patched_reference_weight(weight, delta, support, 0.7, dtype).requires_grad_(True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = F.linear(ref_x, ref_weight) if kind == "linear" else F.conv2d(ref_x, ref_weight, padding=1)
+    ref_grad_x, ref_grad_w = torch.autograd.grad(ref, [ref_x, ref_weight], grad)
+    assert torch.equal(out, ref)
+    assert torch.equal(grad_x, ref_grad_x)
+    expected = (0.7 * ref_grad_w.reshape(-1)[support.long()].float()) if dtype != torch.float32 else \
+        ref_grad_w.reshape(-1)[support.long()] * 0.7
+    torch.testing.assert_close(grad_delta, expected, rtol=0, atol=0)
