@@ -75,15 +75,15 @@ def _malloc_trim() -> bool:
         return False
 
 
-def build_unet(arch: str):
+def build_unet(arch: str, device: str = "cpu"):
     """The architecture with a fast random init (meta build, then normal(0, 1/sqrt(fan_in)))."""
     import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**ARCHS[arch])
-    unet = unet.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
+    unet = unet.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if p.dim() > 1:
@@ -168,17 +168,71 @@ def make_optimizer(params, name: str):
     raise ValueError(name)
 
 
+class CudaMeter:
+    """Peak from torch.cuda.max_memory_allocated (reset after setup), step times from CUDA events."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.model_bytes = torch.cuda.memory_allocated()
+
+    def reset(self):
+        self.torch.cuda.synchronize()
+        self.torch.cuda.reset_peak_memory_stats()
+
+    def step_timer(self):
+        start, end = (self.torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+
+        def stop() -> float:
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+
+        return stop
+
+    def peak_gib(self) -> float:
+        return self.torch.cuda.max_memory_allocated() / 2**30
+
+
+def _cpu_step_timer():
+    started = time.perf_counter()
+    return lambda: time.perf_counter() - started
+
+
+def configure_sampled_grad(setting: str) -> None:
+    """--sampled_grad: 'auto' keeps sara_network's measured rule; 'on' allows the SDDMM for every
+    dtype on every device (up to the density limit); 'off' always takes the dense GEMM."""
+    import torch
+    from sara_network import ops
+
+    if setting == "on":
+        for device in ("cpu", "cuda"):
+            ops.SAMPLED_GRAD_DTYPES[device] = (torch.float32, torch.float16, torch.bfloat16)
+    elif setting == "off":
+        ops.SAMPLED_GRAD_DTYPES.clear()
+
+
 def run_worker(cfg: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
+    device = cfg.get("device", "cpu")
+    configure_sampled_grad(cfg.get("sampled_grad", "auto"))
     rss_start = _status_kib("VmRSS")
     started = time.perf_counter()
-    unet = build_unet(cfg["arch"])
+    unet = build_unet(cfg["arch"], device)
+    weight_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.get("dtype", "fp32")]
+    if weight_dtype != torch.float32:  # kohya / diffusers mixed precision: frozen base in half, autocast
+        unet.to(weight_dtype)
+    meter = CudaMeter() if device == "cuda" else None
     rss_model = _status_kib("VmRSS")
     params, info = setup_method(unet, cfg)
+    for param in params:  # trainable parameters in fp32, as the hosts' mixed-precision scripts keep them
+        param.data = param.data.float()
     network = info.pop("network", None)  # noqa: F841 - keeps hooks/patches alive
     optimizer = make_optimizer(params, cfg["optim"])
     if cfg["ckpt"]:
@@ -188,37 +242,45 @@ def run_worker(cfg: dict) -> dict:
     batch = cfg["batch"]
     generator = torch.Generator().manual_seed(1)
     channels, size = unet.config.in_channels, cfg["latent"]
-    latents = torch.randn(batch, channels, size, size, generator=generator)
-    context = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+    latents = torch.randn(batch, channels, size, size, generator=generator).to(device)
+    context = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator).to(device)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     extra = {}
     if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding + size/crop ids
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=generator),
-                                      "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch)}
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, 1280, generator=generator).to(device),
+            "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch, device=device)}
     inputs_need_grad = not params
     # Give freed heap back to the OS (selection / adapter construction leave freed-but-mapped pages,
     # which would otherwise count in the training peak of some methods and not others).
     trimmed = _malloc_trim()
     rss_setup = _status_kib("VmRSS")
     peak_reset = _reset_peak()
+    if meter is not None:
+        meter.reset()
     times = []
     for _ in range(cfg["warmup"] + cfg["steps"]):
-        t0 = time.perf_counter()
-        x = latents.clone().requires_grad_(inputs_need_grad)
-        pred = unet(x, timesteps, encoder_hidden_states=context, **extra).sample
-        loss = F.mse_loss(pred, noise)
+        stop = meter.step_timer() if meter is not None else _cpu_step_timer()
+        x = latents.clone().to(weight_dtype).requires_grad_(inputs_need_grad)
+        with torch.autocast(device, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            pred = unet(x, timesteps, encoder_hidden_states=context.to(weight_dtype), **extra).sample
+        loss = F.mse_loss(pred.float(), noise)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+        times.append(stop())
     import resource
 
     timed = times[cfg["warmup"]:]
+    peak_gib, model_gib = _status_kib("VmHWM") / 2**20, rss_model / 2**20
+    if meter is not None:  # on a GPU the accelerator's memory is what counts; host RSS kept in info
+        info.update(host_peak_rss_gib=peak_gib, cuda_device=torch.cuda.get_device_name())
+        peak_gib, model_gib = meter.peak_gib(), meter.model_bytes / 2**30
     return dict(cfg, trainable=sum(p.numel() for p in params), rss_start_gib=rss_start / 2**20,
-                rss_model_gib=rss_model / 2**20, rss_setup_gib=rss_setup / 2**20,
-                peak_train_gib=_status_kib("VmHWM") / 2**20, peak_reset=peak_reset, trimmed=trimmed,
+                rss_model_gib=model_gib, rss_setup_gib=rss_setup / 2**20,
+                peak_train_gib=peak_gib, peak_reset=peak_reset, trimmed=trimmed,
                 ru_maxrss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                 step_times=timed, median_step_s=statistics.median(timed), warmup_s=times[:cfg["warmup"]],
                 setup_s=setup_s, info={k: v for k, v in info.items() if isinstance(v, (int, float, str))},
@@ -314,6 +376,13 @@ def plan_configs(plan: str, arch: str, batches: list[int]) -> list[dict]:
                         config("sara_norank", budget, "adamw8bit", False, 1)]
         configs += [config("frozen", None, "none", False, 1), config("sara", low, "none", False, 1),
                     config("lora", low, "none", False, 1)]
+    elif plan == "gpu":  # benchmarks/gpu_plan.sh: every budget at batch 1 and 4, the peers beside
+        for batch in batches:
+            for budget in budgets:
+                configs += [config(m, budget, "adamw8bit", False, batch) for m in ("sara", "sara_norank", "lora")]
+            configs.append(config("full", None, "adamw8bit", False, batch))
+        configs += [config("frozen", None, "none", False, 1), config("sara_norank", low, "none", False, 1),
+                    config("lora", low, "none", False, 1)]
     elif plan == "fullfp32":
         configs += [config("full", None, "adamw", False, 1)]
     elif plan != "export":
@@ -324,6 +393,11 @@ def plan_configs(plan: str, arch: str, batches: list[int]) -> list[dict]:
 
 def key_of(r: dict) -> tuple:
     return (r["method"], r.get("budget"), r["optim"], bool(r["ckpt"]), r["batch"])
+
+
+def same_setup(r: dict, device: str, dtype: str, sampled_grad: str) -> bool:
+    """Records of one device / weight dtype / SDDMM setting (older records: CPU, fp32, auto)."""
+    return (r.get("device", "cpu"), r.get("dtype", "fp32"), r.get("sampled_grad", "auto")) == (device, dtype, sampled_grad)
 
 
 def run_subprocess(cfgs: list[dict], timeout: float) -> list[dict]:
@@ -471,7 +545,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="tiny U-Net, one process per config, seconds")
-    parser.add_argument("--plan", default="priority", help="priority | core | wide | batch | fullfp32 | export | sdxl")
+    parser.add_argument("--plan", default="priority", help="priority | core | wide | batch | fullfp32 | export | sdxl | gpu")
     parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15",
                         help="U-Net architecture (results go to memory_speed.* or memory_speed_sdxl.*)")
     parser.add_argument("--out", default=str(common.DEFAULT_OUT))
@@ -491,6 +565,14 @@ def main(argv=None) -> int:
     parser.add_argument("--export_rank", type=int, default=16)
     parser.add_argument("--fresh", action="store_true", help="drop earlier records in the results file")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: peak from torch.cuda.max_memory_allocated, step time from CUDA events")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="frozen base weights in this dtype under autocast (trainable parameters stay fp32)")
+    parser.add_argument("--sampled_grad", choices=("auto", "on", "off"), default="auto",
+                        help="SDDMM delta gradient: sara_network's rule, allowed everywhere, or never")
+    parser.add_argument("--optim", default=None, help="replace AdamW8bit by this optimizer (adamw where bitsandbytes is missing)")
+    parser.add_argument("--budgets", default=None, help="comma list overriding the arch's budgets, e.g. 5M,20M,50M")
     args = parser.parse_args(argv)
     if args.smoke:
         args.threads = 1
@@ -502,6 +584,10 @@ def main(argv=None) -> int:
         return 0
     arch = "tiny" if args.smoke else args.arch
     plan = "smoke" if args.smoke else args.plan
+    if args.budgets:
+        from sara_network.options import parse_count
+
+        BUDGETS[arch] = tuple(parse_count(b) for b in args.budgets.split(","))
     if args.smoke:
         args.steps, args.warmup, args.repeats, args.export = 1, 1, 1, True
     batches = [int(b) for b in args.batches.split(",")]
@@ -516,7 +602,10 @@ def main(argv=None) -> int:
     if args.only_optim is not None:
         configs = [c for c in configs if c["optim"] == args.only_optim]
     for c in configs:
-        c.update(arch=arch, steps=args.steps, warmup=args.warmup, threads=args.threads, latent=args.latent)
+        if args.optim and c["optim"] != "none":
+            c["optim"] = args.optim
+        c.update(arch=arch, steps=args.steps, warmup=args.warmup, threads=args.threads, latent=args.latent,
+                 device=args.device, dtype=args.dtype, sampled_grad=args.sampled_grad)
         if c["method"] in ("full", "lyco_full") and not args.smoke:
             c["steps"] = args.full_steps
     if (args.export or plan == "export") and arch == "sdxl":
@@ -527,10 +616,13 @@ def main(argv=None) -> int:
                                 threads=args.threads))
     out = Path(args.out)
     stem = "memory_speed" if arch in ("sd15", "tiny") else f"memory_speed_{arch}"
+    if args.device != "cpu" or args.dtype != "fp32" or args.sampled_grad != "auto":
+        stem += f"_{args.device}_{args.dtype}" + ("" if args.sampled_grad == "auto" else f"_sddmm-{args.sampled_grad}")
     json_path = out / f"{stem}.json"
     records = []
     if json_path.exists() and not args.fresh and not args.smoke:
-        records = json.loads(json_path.read_text()).get("records", [])
+        records = [r for r in json.loads(json_path.read_text()).get("records", [])
+                   if same_setup(r, args.device, args.dtype, args.sampled_grad)]
     notes = [] if args.smoke else [
         "Machine: 2 CPU cores shared with other developers' jobs (see `loadavg` per record in the JSON); "
         "absolute times are inflated and noisy, ratios between interleaved runs are more trustworthy.", ""]

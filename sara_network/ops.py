@@ -31,6 +31,9 @@ import torch.nn.functional as F
 
 SAMPLED_GRAD_MAX_DENSITY = 0.05  # CPU crossover measured at 5-8% (benchmarks/README.md): dense GEMM wins above
 SAMPLED_GRAD_MAX_OPERAND = 1.0  # the SDDMM's extra operand (unfolded conv input) / the dense weight grad
+# Where the SDDMM is used, by device type: only where it was measured to pay. CUDA is unmeasured
+# (benchmarks/memory_speed.py --device cuda --sampled_grad on measures it) and keeps the dense GEMM.
+SAMPLED_GRAD_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"cpu": (torch.float32,)}
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -109,12 +112,13 @@ def use_sampled_grad(indices: torch.Tensor, weight_numel: int, dtype: torch.dtyp
                      operand_numel: int) -> bool:
     """Whether to compute the delta gradient by SDDMM instead of a dense GEMM + gather.
 
-    Only on the CPU in fp32, below SAMPLED_GRAD_MAX_DENSITY, when the indices are sorted (the
-    SDDMM returns values in row-major order) and when its operand (for a conv, the unfolded input)
-    is no larger than the dense gradient it replaces, so peak memory never grows.
+    Only for the devices and dtypes in SAMPLED_GRAD_DTYPES (today the CPU in fp32), below
+    SAMPLED_GRAD_MAX_DENSITY, when the indices are sorted (the SDDMM returns values in row-major
+    order) and when its operand (for a conv, the unfolded input) is no larger than the dense
+    gradient it replaces, so peak memory never grows.
     """
     count = indices.numel()
-    return (indices.device.type == "cpu" and dtype == torch.float32 and 0 < count
+    return (dtype in SAMPLED_GRAD_DTYPES.get(indices.device.type, ()) and 0 < count
             and count <= SAMPLED_GRAD_MAX_DENSITY * weight_numel
             and operand_numel <= SAMPLED_GRAD_MAX_OPERAND * weight_numel
             and bool((indices[1:] > indices[:-1]).all()))
@@ -133,7 +137,7 @@ def sampled_grad(grad_rows: torch.Tensor, input_rows: torch.Tensor, indices: tor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta state"
         # zeros, not empty: beta=0 still reads the pattern's values on the CPU (0 * NaN = NaN)
-        pattern = torch.sparse_csr_tensor(crow, flat - rows * n_in, torch.zeros(flat.numel(), dtype=grad_rows.dtype),
+        pattern = torch.sparse_csr_tensor(crow, flat - rows * n_in, torch.zeros(flat.numel(), dtype=grad_rows.dtype, device=flat.device),
                                           (n_out, n_in), check_invariants=False)
         return torch.sparse.sampled_addmm(pattern, grad_rows.t(), input_rows, beta=0.0).values()
 
