@@ -179,13 +179,15 @@ class SaraModule(nn.Module):
         base = self.base
         bias = self.effective_bias(multiplier)
         base_values = self.current_base_values()
+        # The deltas hold the frozen values already (pin_frozen_data after every optimizer step and
+        # on load): frozen_values=None spares a copy of every delta per call; the frozen positions
+        # are still passed, so they get no gradient.
         if self.kind == "linear":
             return sparse_delta_linear(x, base.weight, bias, self.delta, self.indices, multiplier,
-                                       self.frozen_positions, self.frozen_values, base_values)
+                                       self.frozen_positions, None, base_values)
         x, padding = conv_padding(base, x)
         return sparse_delta_conv2d(x, base.weight, bias, self.delta, self.indices, multiplier, base.stride,
-                                   padding, base.dilation, base.groups, self.frozen_positions, self.frozen_values,
-                                   base_values)
+                                   padding, base.dilation, base.groups, self.frozen_positions, None, base_values)
 
     def delta_output(self, x, multiplier: float):
         """The layer applied with only m * delta as its weight (and m * bias delta as its bias)."""
@@ -228,7 +230,7 @@ class SaraModule(nn.Module):
 
     @torch.no_grad()
     def pin_frozen_data(self) -> None:
-        """Copy the frozen values back into the parameter (the forward pins them regardless)."""
+        """Copy the frozen values back into the parameter: the forward reads the parameter as is."""
         if self.frozen_positions.numel():
             self.delta.data.index_put_((self.frozen_positions,), self.frozen_values.to(self.delta.dtype))
 
@@ -244,6 +246,7 @@ class SaraModule(nn.Module):
             if saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=self.indices.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.pin_frozen_data()
 
 
 def _patch_owner(forward) -> Optional["SaraModule"]:

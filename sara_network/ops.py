@@ -51,8 +51,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def effective_values(values: torch.Tensor, frozen_positions: Optional[torch.Tensor],
                      frozen_values: Optional[torch.Tensor]) -> torch.Tensor:
-    """Deltas with the entries frozen by the progressive step pinned to their frozen values."""
-    if frozen_positions is None or frozen_positions.numel() == 0:
+    """Deltas with the entries frozen by the progressive step pinned to their frozen values.
+
+    frozen_values=None: the caller guarantees the deltas already hold them (SaraModule re-pins after
+    every optimizer step), so no O(selected) copy is made; the frozen positions still get no gradient.
+    """
+    if frozen_positions is None or frozen_positions.numel() == 0 or frozen_values is None:
         return values
     return values.index_put((frozen_positions,), frozen_values.to(values.dtype))
 
