@@ -252,8 +252,8 @@ def cmd_analyze(args) -> None:
             print(f"  {name:<36}{row}{block['selected'] / block['weights']:>11.3%}")
         row = "".join(f"{c / result.total:>11.3%}" for c in result.below)
         print(f"  {'overall':<36}{row}{result.selected / result.total:>11.3%}")
-        how = f"--budget {args.budget:,d}" if args.budget else "--threshold"
-        print(f"selected: {how}: threshold={result.selected_threshold:.6g} (selects {result.selected:,d})")
+        how = f"--budget {args.budget:,d}" if args.budget else "--threshold, default: the training default"
+        print(f"selected: |w| < {result.selected_threshold:.6g} ({how}): selects {result.selected:,d}")
     if args.plot:
         analysis.plot_analysis(result, args.plot, f"{os.path.basename(args.base.rstrip('/'))}: |w| distribution")
         print(f"wrote {args.plot}")
