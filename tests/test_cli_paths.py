@@ -130,3 +130,15 @@ def test_progress_bars_are_off_when_quiet_or_not_on_a_terminal():
     assert progress_bars(quiet=True)(items) is items
     bar = progress_bars()(items, desc="x")  # pytest's stderr is not a terminal
     assert list(bar) == items and getattr(bar, "disable", True)
+
+
+def test_apply_sara_on_a_non_sd_diffusers_model_records_custom(tmp_path, capsys):
+    from sara_network import hf
+
+    network = hf.apply_sara(load_base(), density=0.01, progressive_iter="off")
+    network.save(str(tmp_path / "hf.safetensors"))
+    network.unpatch()
+    assert read_tensors(str(tmp_path / "hf.safetensors"))[1]["ss_base_model_version"] == "custom"
+    assert run("to-diff", tmp_path / "hf.safetensors", tmp_path / "diff.safetensors") == 0
+    assert run("inspect", tmp_path / "hf.safetensors", "--base", BASE_PATH) == 0
+    assert "hash_matches: True" in capsys.readouterr().out
