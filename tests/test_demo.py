@@ -61,7 +61,8 @@ def test_readme_cli_lines_run_on_the_demo_outputs(demo_run, monkeypatch, capsys)
     root, _ = demo_run
     monkeypatch.chdir(root)
     lines = readme_cli_lines()
-    assert {argv[0] for argv in lines} >= {"to-lora", "to-diff", "inspect", "analyze", "merge", "from-lora"}
+    assert {argv[0] for argv in lines} == {"to-lora", "to-diff", "from-diff", "inspect", "analyze", "merge",
+                                           "from-lora"}
     for argv in lines:
         assert cli.main(argv) == 0, (argv, capsys.readouterr().err)
     printed = capsys.readouterr().out
@@ -74,6 +75,11 @@ def test_readme_cli_lines_run_on_the_demo_outputs(demo_run, monkeypatch, capsys)
     for delta in deltas:  # the diff is the dense delta (fp16)
         assert torch.equal(diff[f"{delta.name}.diff"], delta.dense().half())
     assert diff_metadata["ss_base_model_version"] == "custom"
+    back = {d.name: d for d in load_native(str(out / "from_diff.safetensors"))[0]}
+    for delta in deltas:  # the diff's nonzero support: the native entries that stay nonzero in fp16
+        kept = delta.values.half() != 0
+        assert torch.equal(back[delta.name].indices, delta.indices[kept])
+        assert torch.equal(back[delta.name].values.half(), delta.values.half()[kept])
     assert not [key for key in diff_metadata if key.startswith("modelspec.") and key != "modelspec.title"]
 
     # merge --base: the demo base with 0.8 x the deltas baked in, still a demo base file
