@@ -18,14 +18,9 @@ import torch
 from . import analysis, convert, fileformat
 from .fileformat import SaraFileError
 from .options import SaraConfig, parse_count
-from .progress import Progress, progress_bars
+from .progress import progress_bars
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def progress_hook(quiet: bool = False) -> Progress:
-    """Progress bars for the library loops (tqdm, the `tools` extra), off with --quiet or off a terminal."""
-    return progress_bars(quiet)
 
 
 def _say(text: str) -> None:
@@ -71,7 +66,7 @@ def cmd_to_lora(args) -> None:
     deltas, metadata = fileformat.load_native(args.input)
     version = _version(deltas, metadata, args.base_model)
     rule = convert.RankRule(args.rank, args.energy, args.max_rel_error, args.max_rank)
-    result = convert.to_lora(deltas, rule, version, args.svd, DTYPES[args.dtype], progress_hook(args.quiet),
+    result = convert.to_lora(deltas, rule, version, args.svd, DTYPES[args.dtype], progress_bars(args.quiet),
                              args.uniform_rank)
     shapes = {d.name: d.shape for d in deltas}
     conv_ranks = [m.rank for m in result.modules if len(shapes[m.name]) == 4]
@@ -99,7 +94,7 @@ def cmd_to_diff(args) -> None:
     deltas, metadata = fileformat.load_native(args.input)
     version = _version(deltas, metadata, args.base_model)
     dtype = DTYPES[args.dtype]
-    tensors = convert.to_diff(deltas, dtype, progress_hook(args.quiet))
+    tensors = convert.to_diff(deltas, dtype, progress_bars(args.quiet))
     fillers = convert.open_clip_fillers({d.name: d.shape for d in deltas}, version)
     tensors.update({f"{name}.diff": torch.zeros(shape, dtype=dtype) for name, shape in fillers.items()})
     out_metadata = convert.adapter_metadata(metadata, version, _title(args.output), "lycoris.kohya", None,
@@ -116,7 +111,7 @@ def _native_metadata(source: dict, version: str, output: str, extra: dict) -> di
 def cmd_from_diff(args) -> None:
     _check_output(args.output, args, [args.input])
     tensors, metadata = fileformat.read_tensors(args.input)
-    deltas, empty = convert.from_diff(tensors, args.input, progress_hook(args.quiet))
+    deltas, empty = convert.from_diff(tensors, args.input, progress_bars(args.quiet))
     version = _version(deltas, metadata, args.base_model)
     fileformat.save_native(args.output, deltas, DTYPES[args.dtype] if args.dtype else None,
                            _native_metadata(metadata, version, args.output,
@@ -137,7 +132,7 @@ def cmd_from_lora(args) -> None:
     tensors, metadata = fileformat.read_tensors(args.input)
     if analysis.file_kind(tensors, metadata) == "native":
         raise SaraFileError(f"{args.input} is already a native SaRA file")
-    dense = convert.lora_deltas(tensors, args.input, progress_hook(args.quiet))
+    dense = convert.lora_deltas(tensors, args.input, progress_bars(args.quiet))
     base = convert.load_base(args.base, args.base_model) if args.base else None
     extra = {"sara_converted_from": os.path.basename(args.input)}
     if args.topk_budget is not None:
@@ -152,7 +147,7 @@ def cmd_from_lora(args) -> None:
         projection = convert.topk_deltas(dense, args.topk_budget)
     elif base is not None:
         config = parse_network_args(_selection_args(args))
-        support, network_metadata = convert.preset_support(base, config, progress_hook(args.quiet))
+        support, network_metadata = convert.preset_support(base, config, progress_bars(args.quiet))
         projection = convert.project_onto(dense, support, args.input)
         extra.update(network_metadata)
     else:
@@ -185,7 +180,7 @@ def _scaled_inputs(specs: Sequence[str]) -> list[tuple[str, float]]:
 def cmd_merge(args) -> None:
     inputs = _scaled_inputs(args.inputs)
     _check_output(args.output, args, [path for path, _ in inputs] + [args.base])
-    progress = progress_hook(args.quiet)
+    progress = progress_bars(args.quiet)
     loaded = [(fileformat.load_native(path), scale) for path, scale in progress(inputs, desc="read", unit="file")]
     deltas = convert.merge_natives([(d, scale) for (d, _), scale in loaded], progress)
     if args.base is None:
@@ -223,7 +218,7 @@ def _print_report(report: dict, indent: str = "") -> None:
 
 def cmd_inspect(args) -> None:
     base = convert.load_base(args.base, args.base_model) if args.base else None
-    report = analysis.inspect_file(args.input, base, progress_hook(args.quiet))
+    report = analysis.inspect_file(args.input, base, progress_bars(args.quiet))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -238,7 +233,7 @@ def cmd_analyze(args) -> None:
         _check_output(args.plot, args, [args.base])
     base = convert.load_base(args.base, args.base_model)
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    result = analysis.analyze(base, thresholds, args.budget, progress_hook(args.quiet), args.threshold)
+    result = analysis.analyze(base, thresholds, args.budget, progress_bars(args.quiet), args.threshold)
     report = result.to_dict()
     if args.json:
         print(json.dumps(report, indent=2))
