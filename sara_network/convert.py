@@ -644,10 +644,11 @@ def load_diffusers_model_folder(path: str, version: Optional[str] = None) -> Bas
 
 
 def load_checkpoint(path: str, version: Optional[str] = None) -> BaseModel:
+    from .demo import BASE_METADATA_KEY
     from .fileformat import describe_foreign, read_tensors
 
     state_dict, metadata = read_tensors(path)
-    if _DEMO_BASE_KEY in metadata:
+    if BASE_METADATA_KEY in metadata:
         from .demo.model import load_base as load_demo_base
 
         unet = load_demo_base(path)
@@ -660,9 +661,6 @@ def load_checkpoint(path: str, version: Optional[str] = None) -> BaseModel:
             found = f"it looks like {adapter}, not a base model" if adapter else "no model sara can read"
             raise SaraFileError(f"{path}: {error}; {found}. A base model is {BASE_KINDS}") from None
     return BaseModel(path, version, checkpoint_targets(state_dict, version), state_dict=state_dict, metadata=metadata)
-
-
-_DEMO_BASE_KEY = "demo_base"  # the demo base's metadata entry (sara_network.demo.model.METADATA_KEY)
 
 
 def load_base(path: str, version: Optional[str] = None) -> BaseModel:

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from . import BASE_METADATA_KEY
+
 
 BASE_PATH = Path(__file__).with_name("digits_base.safetensors")
-METADATA_KEY = "demo_base"  # safetensors metadata entry holding the training config and results as JSON
+METADATA_KEY = BASE_METADATA_KEY  # safetensors metadata entry holding the training config and results as JSON
 
 UNET_CONFIG = {
     "sample_size": 16,
