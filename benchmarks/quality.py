@@ -1,6 +1,6 @@
 """Quality on a real small task: teach the pretrained digits base the held-out classes 8 and 9.
 
-Protocol (docs: /work/shared/reference/tiny_diffusion_probe.md, shortened where said): start from
+Protocol (the tiny-diffusion probe of sara_network/demo/, shortened where said; benchmarks/README.md): start from
 the pretrained base, train on the 200 images of 8/9 at batch 64 with AdamW (weight decay 0, 20
 warmup steps then cosine), grad-clip 1.0. In every method the class-embedding rows 8 and 9 are
 trainable through a row-mask gradient hook (own param group, lr 2e-3 for every method), rows 0-7

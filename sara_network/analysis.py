@@ -50,7 +50,7 @@ class Analysis:
     blocks: dict[str, dict]  # block -> {"weights": n, "below": [count per threshold], "selected": n}
     total: int
     below: list[int]  # per threshold, overall
-    selected_threshold: float  # the budget's threshold, else the first threshold
+    selected_threshold: float  # the budget's threshold, else the given threshold (the training default)
     selected: int
     budget: Optional[int]
     histogram: torch.Tensor  # counts over log10|w| bins in HISTOGRAM_RANGE
@@ -68,8 +68,10 @@ class Analysis:
 
 
 def analyze(source, thresholds: Sequence[float] = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
-            budget: Optional[int] = None, progress: Callable = convert._no_progress) -> Analysis:
-    """|w| statistics of a base model (see named_weights for what `source` may be)."""
+            budget: Optional[int] = None, progress: Callable = convert._no_progress,
+            threshold: float = 2e-3) -> Analysis:
+    """|w| statistics of a base model (see named_weights for what `source` may be); 'selected' is
+    what `budget` selects, else what `threshold` selects (default: the training default)."""
     weights = named_weights(source)
     if not weights:
         raise ValueError("no Linear / Conv2d weights found")
@@ -77,7 +79,7 @@ def analyze(source, thresholds: Sequence[float] = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3,
     total = sum(w.numel() for w in weights.values())
     if budget is not None and not 0 < budget <= total:
         raise ValueError(f"--budget must be in 1..{total} (the model's Linear/Conv2d weight count)")
-    chosen = selection.threshold_for_count(list(weights.values()), budget) if budget else thresholds[0]
+    chosen = selection.threshold_for_count(list(weights.values()), budget) if budget else float(threshold)
     limits = [selection.fp32(t) for t in thresholds]
     blocks: dict[str, dict] = OrderedDict()
     histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64)
@@ -161,8 +163,8 @@ def value_stats(values: torch.Tensor) -> dict:
             "rms": float(finite.square().mean().sqrt()), "zeros": int((finite == 0).sum())}
 
 
-def module_summaries(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str
-                     ) -> tuple[str, dict[str, dict], torch.Tensor]:
+def module_summaries(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str,
+                     progress: Callable = convert._no_progress) -> tuple[str, dict[str, dict], torch.Tensor]:
     """(kind, {name: {"shape", "stored", "entries"}}, all delta values) of an adapter file; a native
     or diff file is fully validated / decoded, a LoRA is expanded module by module."""
     kind = file_kind(tensors, metadata)
@@ -172,12 +174,12 @@ def module_summaries(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
             modules[delta.name] = {"shape": delta.shape, "stored": int(delta.indices.numel()), "entries": delta.numel}
             values.append(delta.values)
     elif kind == "diff":
-        for delta in convert.from_diff(tensors, path)[0]:
+        for delta in convert.from_diff(tensors, path, progress)[0]:
             modules[delta.name] = {"shape": delta.shape, "stored": int(delta.indices.numel()), "entries": delta.numel}
             values.append(delta.values)
     elif kind == "lora":
         grouped = convert.group_modules(tensors)
-        for name, dense in convert.lora_deltas(tensors, path).items():
+        for name, dense in convert.lora_deltas(tensors, path, progress).items():
             rank = next(t.shape[0] for s, t in grouped[name].items() if s in convert.LORA_DOWN_SUFFIXES)
             modules[name] = {"shape": tuple(dense.shape), "rank": int(rank), "entries": dense.numel(),
                              "stored": sum(t.numel() for t in grouped[name].values())}
@@ -202,10 +204,11 @@ def base_match(modules: Mapping[str, dict], metadata: Mapping[str, str], base: "
             "base_hash": base_hash, "hash_matches": fileformat.same_base(file_hash, base_hash)}
 
 
-def inspect_file(path: str, base: Optional["convert.BaseModel"] = None) -> dict:
+def inspect_file(path: str, base: Optional["convert.BaseModel"] = None,
+                 progress: Callable = convert._no_progress) -> dict:
     """Everything `sara inspect` prints about an adapter file."""
     tensors, metadata = fileformat.read_tensors(path)
-    kind, modules, values = module_summaries(tensors, metadata, path)
+    kind, modules, values = module_summaries(tensors, metadata, path, progress)
     blocks: dict[str, list[int]] = OrderedDict()
     for name, module in modules.items():
         counts = blocks.setdefault(block_name(name), [0, 0])

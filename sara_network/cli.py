@@ -1,8 +1,9 @@
 """`sara`: convert, merge, inspect and analyse SaRA files (docs/cli.md).
 
 Each subcommand reads its inputs, calls one library function of convert.py / analysis.py, and
-writes its output atomically. Outputs never replace an existing file unless --overwrite is given;
-bad input is reported on stderr with exit status 1 and nothing is written.
+writes its output atomically. Outputs never replace an existing file unless --overwrite is given,
+never replace an input, and go into a missing folder only with --make-dirs; bad input is reported
+on stderr with exit status 1 and nothing is written. Long loops show a progress bar on a terminal.
 """
 from __future__ import annotations
 
@@ -10,33 +11,44 @@ import argparse
 import json
 import os
 import sys
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import analysis, convert, fileformat
 from .fileformat import SaraFileError
-from .options import parse_count
+from .options import SaraConfig, parse_count
+from .progress import progress_bars
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def progress(items: Iterable, **kwargs) -> Iterable:
-    """tqdm when installed (the `tools` extra), silent otherwise; off when stderr is not a terminal."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, disable=None, **kwargs)
 
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _check_output(output: str, overwrite: bool) -> None:
-    if os.path.exists(output) and not overwrite:
+def _same_path(first: str, second: str) -> bool:
+    """The same file or folder, through links and relative paths (real paths, then inodes)."""
+    if os.path.realpath(first) == os.path.realpath(second):
+        return True
+    return os.path.exists(first) and os.path.exists(second) and os.path.samefile(first, second)
+
+
+def _check_output(output: str, args, inputs: Sequence[str]) -> None:
+    """Refuse an output that is one of the inputs (even with --overwrite: the export would replace
+    its own source) or that exists (unless --overwrite); a missing folder is created only on
+    --make-dirs."""
+    for source in inputs:
+        if source and _same_path(output, source):
+            raise ValueError(f"the output {output} is the input {source}; write to another path")
+    if os.path.exists(output) and not args.overwrite:
         raise ValueError(f"{output} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        if not args.make_dirs:
+            raise ValueError(f"the folder {os.path.dirname(output)} of {output} does not exist; create it or "
+                             "pass --make-dirs")
+        os.makedirs(folder)
 
 
 def _title(output: str) -> str:
@@ -50,11 +62,12 @@ def _version(deltas_or_names, metadata, given: Optional[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 def cmd_to_lora(args) -> None:
-    _check_output(args.output, args.overwrite)
+    _check_output(args.output, args, [args.input])
     deltas, metadata = fileformat.load_native(args.input)
     version = _version(deltas, metadata, args.base_model)
     rule = convert.RankRule(args.rank, args.energy, args.max_rel_error, args.max_rank)
-    result = convert.to_lora(deltas, rule, version, args.svd, DTYPES[args.dtype], progress, args.uniform_rank)
+    result = convert.to_lora(deltas, rule, version, args.svd, DTYPES[args.dtype], progress_bars(args.quiet),
+                             args.uniform_rank)
     shapes = {d.name: d.shape for d in deltas}
     conv_ranks = [m.rank for m in result.modules if len(shapes[m.name]) == 4]
     extra = {"sara_lora_conversion": json.dumps({"source": os.path.basename(args.input), "svd": args.svd,
@@ -77,11 +90,11 @@ def cmd_to_lora(args) -> None:
 
 
 def cmd_to_diff(args) -> None:
-    _check_output(args.output, args.overwrite)
+    _check_output(args.output, args, [args.input])
     deltas, metadata = fileformat.load_native(args.input)
     version = _version(deltas, metadata, args.base_model)
     dtype = DTYPES[args.dtype]
-    tensors = convert.to_diff(deltas, dtype)
+    tensors = convert.to_diff(deltas, dtype, progress_bars(args.quiet))
     fillers = convert.open_clip_fillers({d.name: d.shape for d in deltas}, version)
     tensors.update({f"{name}.diff": torch.zeros(shape, dtype=dtype) for name, shape in fillers.items()})
     out_metadata = convert.adapter_metadata(metadata, version, _title(args.output), "lycoris.kohya", None,
@@ -96,9 +109,9 @@ def _native_metadata(source: dict, version: str, output: str, extra: dict) -> di
 
 
 def cmd_from_diff(args) -> None:
-    _check_output(args.output, args.overwrite)
+    _check_output(args.output, args, [args.input])
     tensors, metadata = fileformat.read_tensors(args.input)
-    deltas, empty = convert.from_diff(tensors, args.input)
+    deltas, empty = convert.from_diff(tensors, args.input, progress_bars(args.quiet))
     version = _version(deltas, metadata, args.base_model)
     fileformat.save_native(args.output, deltas, DTYPES[args.dtype] if args.dtype else None,
                            _native_metadata(metadata, version, args.output,
@@ -115,11 +128,11 @@ def _selection_args(args) -> dict:
 def cmd_from_lora(args) -> None:
     from .options import parse_network_args
 
-    _check_output(args.output, args.overwrite)
+    _check_output(args.output, args, [args.input, args.base])
     tensors, metadata = fileformat.read_tensors(args.input)
     if analysis.file_kind(tensors, metadata) == "native":
         raise SaraFileError(f"{args.input} is already a native SaRA file")
-    dense = convert.lora_deltas(tensors, args.input)
+    dense = convert.lora_deltas(tensors, args.input, progress_bars(args.quiet))
     base = convert.load_base(args.base, args.base_model) if args.base else None
     extra = {"sara_converted_from": os.path.basename(args.input)}
     if args.topk_budget is not None:
@@ -134,7 +147,7 @@ def cmd_from_lora(args) -> None:
         projection = convert.topk_deltas(dense, args.topk_budget)
     elif base is not None:
         config = parse_network_args(_selection_args(args))
-        support, network_metadata = convert.preset_support(base, config)
+        support, network_metadata = convert.preset_support(base, config, progress_bars(args.quiet))
         projection = convert.project_onto(dense, support, args.input)
         extra.update(network_metadata)
     else:
@@ -165,10 +178,11 @@ def _scaled_inputs(specs: Sequence[str]) -> list[tuple[str, float]]:
 
 
 def cmd_merge(args) -> None:
-    _check_output(args.output, args.overwrite)
     inputs = _scaled_inputs(args.inputs)
-    loaded = [(fileformat.load_native(path), scale) for path, scale in inputs]
-    deltas = convert.merge_natives([(d, scale) for (d, _), scale in loaded])
+    _check_output(args.output, args, [path for path, _ in inputs] + [args.base])
+    progress = progress_bars(args.quiet)
+    loaded = [(fileformat.load_native(path), scale) for path, scale in progress(inputs, desc="read", unit="file")]
+    deltas = convert.merge_natives([(d, scale) for (d, _), scale in loaded], progress)
     if args.base is None:
         first = loaded[0][0][1]
         hashes = {m.get("sara_base_hash") for (_, m), _ in loaded}
@@ -183,9 +197,10 @@ def cmd_merge(args) -> None:
     base = convert.load_base(args.base, args.base_model)
     for (file_deltas, metadata), _ in loaded:
         declared = metadata.get("ss_base_model_version")
-        if declared and convert.ARCH_OF_BASE_MODEL.get(declared) != convert.ARCH_OF_BASE_MODEL[base.version]:
+        if (declared and convert.CUSTOM_BASE not in (declared, base.version)
+                and convert.ARCH_OF_BASE_MODEL.get(declared) != convert.ARCH_OF_BASE_MODEL.get(base.version)):
             raise SaraFileError(f"a merged file is for {declared} but {args.base} is {base.version}")
-    convert.bake(base, deltas, " + ".join(p for p, _ in inputs))
+    convert.bake(base, deltas, " + ".join(p for p, _ in inputs), progress)
     convert.write_merged(base, args.output)
     print(f"wrote {args.output}: {args.base} with {len(deltas)} modules of "
           + ", ".join(f"{os.path.basename(p)} x{s:g}" for p, s in inputs) + " merged in")
@@ -203,7 +218,7 @@ def _print_report(report: dict, indent: str = "") -> None:
 
 def cmd_inspect(args) -> None:
     base = convert.load_base(args.base, args.base_model) if args.base else None
-    report = analysis.inspect_file(args.input, base)
+    report = analysis.inspect_file(args.input, base, progress_bars(args.quiet))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -215,10 +230,10 @@ def cmd_inspect(args) -> None:
 
 def cmd_analyze(args) -> None:
     if args.plot:
-        _check_output(args.plot, args.overwrite)
+        _check_output(args.plot, args, [args.base])
     base = convert.load_base(args.base, args.base_model)
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    result = analysis.analyze(base, thresholds, args.budget, progress)
+    result = analysis.analyze(base, thresholds, args.budget, progress_bars(args.quiet), args.threshold)
     report = result.to_dict()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -232,9 +247,8 @@ def cmd_analyze(args) -> None:
             print(f"  {name:<36}{row}{block['selected'] / block['weights']:>11.3%}")
         row = "".join(f"{c / result.total:>11.3%}" for c in result.below)
         print(f"  {'overall':<36}{row}{result.selected / result.total:>11.3%}")
-        if args.budget:
-            print(f"--budget {args.budget:,d}: threshold={result.selected_threshold:.6g} "
-                  f"(selects {result.selected:,d})")
+        how = f"--budget {args.budget:,d}" if args.budget else "--threshold, default: the training default"
+        print(f"selected: |w| < {result.selected_threshold:.6g} ({how}): selects {result.selected:,d}")
     if args.plot:
         analysis.plot_analysis(result, args.plot, f"{os.path.basename(args.base.rstrip('/'))}: |w| distribution")
         print(f"wrote {args.plot}")
@@ -248,15 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, function, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(function=function)
+        sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         return sub
 
     def base_model(sub):
         sub.add_argument("--base-model", choices=list(convert.BASE_MODELS),
-                         help="ss_base_model_version to use when the file does not say")
+                         help="ss_base_model_version to use when the file does not say (custom: a model the UIs "
+                              "do not know, such as the demo's; no Stable Diffusion metadata is stamped)")
+
+    def overwrite(sub, what: str = "output"):
+        sub.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} (never an input)")
+        sub.add_argument("--make-dirs", action="store_true", help=f"create the {what}'s missing folders")
 
     def output(sub):
         sub.add_argument("output")
-        sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        overwrite(sub)
 
     sub = command("to-lora", cmd_to_lora, "native SaRA file -> kohya LoRA (A1111, Forge, ComfyUI, diffusers)")
     sub.add_argument("input")
@@ -294,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "of a base model or onto its top-k entries")
     sub.add_argument("input")
     output(sub)
-    sub.add_argument("--base", help="diffusers model folder or single-file checkpoint")
+    sub.add_argument("--base", help=f"the base model to project onto: {convert.BASE_KINDS}")
     sub.add_argument("--threshold", help="SaRA selection |w| < threshold (default 2e-3)")
     sub.add_argument("--budget", help="SaRA selection of exactly this many entries (e.g. 50M)")
     sub.add_argument("--density", help="SaRA selection of this fraction of the targeted weights")
@@ -308,24 +328,27 @@ def build_parser() -> argparse.ArgumentParser:
                                       "into a base checkpoint / diffusers folder (--base)")
     sub.add_argument("inputs", nargs="+", metavar="file[:scale]")
     sub.add_argument("-o", "--output", required=True)
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    sub.add_argument("--base", help="diffusers folder or single-file .safetensors checkpoint to bake into")
+    overwrite(sub)
+    sub.add_argument("--base", help=f"the base model to bake into: {convert.BASE_KINDS}")
     sub.add_argument("--dtype", choices=list(DTYPES), help="value dtype of a merged native file (default fp32)")
     base_model(sub)
 
     sub = command("inspect", cmd_inspect, "show a native / LoRA / diff file: metadata, sizes, densities, values")
     sub.add_argument("input")
-    sub.add_argument("--base", help="check that this base model fits the file (modules, shapes, base hash)")
+    sub.add_argument("--base", help="check that this base model fits the file (modules, shapes, base hash): "
+                                    + convert.BASE_KINDS)
     sub.add_argument("--json", action="store_true")
     base_model(sub)
 
     sub = command("analyze", cmd_analyze, "|w| distribution of a base model, thresholds per block, budget")
-    sub.add_argument("base", help="diffusers model folder or single-file checkpoint")
-    sub.add_argument("--thresholds", default="1e-4,5e-4,1e-3,2e-3,5e-3,1e-2")
-    sub.add_argument("--budget", type=parse_count, help="also find the threshold selecting this many (e.g. 50M)")
+    sub.add_argument("base", help=convert.BASE_KINDS)
+    sub.add_argument("--thresholds", default="1e-4,5e-4,1e-3,2e-3,5e-3,1e-2", help="columns of the table")
+    sub.add_argument("--threshold", type=float, default=SaraConfig().threshold,
+                     help="the selection shown as 'selected' (default: the training default, %(default)g)")
+    sub.add_argument("--budget", type=parse_count, help="instead: the threshold selecting this many (e.g. 50M)")
     sub.add_argument("--plot", help="write a PNG: histogram of log10|w| and the selected fraction per block")
     sub.add_argument("--json", action="store_true")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing plot")
+    overwrite(sub, "plot")
     base_model(sub)
     return parser
 

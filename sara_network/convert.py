@@ -18,12 +18,14 @@ import dataclasses
 import json
 import math
 import re
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from . import ldm_names
 from .fileformat import ModuleDelta, SaraFileError, split_key
+from .progress import Progress
+from .progress import no_progress as _no_progress  # the CLI passes progress_bars()
 
 DIFF_SUFFIXES = ("diff", "diff_b")
 LORA_UP_SUFFIXES = ("lora_up.weight", "lora_B.weight")
@@ -33,25 +35,28 @@ NAME_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_"
 _UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "oft_": "OFT", "w_norm": "norm",
                 "a1.weight": "GLoRA", "on_input": "IA3"}
 
-# ss_base_model_version -> (modelspec architecture, implementation, resolution)
+# ss_base_model_version -> (modelspec architecture, implementation, resolution); `custom` is any
+# other model (the demo's digits U-Net, a diffusers model folder): the UIs do not know it, so its
+# files carry no modelspec and no Stable Diffusion resolution.
+CUSTOM_BASE = "custom"
 BASE_MODELS = {
     "sd_v1": ("stable-diffusion-v1/lora", "diffusers", "512x512"),
     "sd_v2": ("stable-diffusion-v2-512/lora", "diffusers", "512x512"),
     "sd_v2_v": ("stable-diffusion-v2-768-v/lora", "diffusers", "768x768"),
     "sdxl_base_v1-0": ("stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models",
                        "1024x1024"),
+    CUSTOM_BASE: None,
 }
 ARCH_OF_BASE_MODEL = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
+_MODELSPEC_ARCH_KEYS = ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
+                        "modelspec.resolution")
+BASE_KINDS = ("a diffusers pipeline folder (with unet/), a diffusers model folder (config.json with _class_name, "
+              "e.g. a UNet2DModel), a single-file SD1/SD2/SDXL checkpoint, or the demo base "
+              "(sara_network/demo/digits_base.safetensors)")
 # metadata keys of a native file that describe the native format itself, not the training
 _NATIVE_ONLY_KEYS = ("sara_format", "sara_format_version", "sara_counts", "sara_total_selected", "sshs_model_hash",
                      "sshs_legacy_hash")
 
-Progress = Callable[[Iterable], Iterable]
-
-
-def _no_progress(items: Iterable, **_: object) -> Iterable:
-    """The default progress hook: none (cli.progress passes tqdm)."""
-    return items
 
 
 def group_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -97,7 +102,9 @@ def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
 
 def modelspec_metadata(version: str) -> dict[str, str]:
     """modelspec 1.0.1 keys for a kohya base model version: Forge's Lora page takes the SD version of
-    an SD1 file only from modelspec.architecture (A1111 and ComfyUI need none)."""
+    an SD1 file only from modelspec.architecture (A1111 and ComfyUI need none). None for `custom`."""
+    if BASE_MODELS[version] is None:
+        return {}
     architecture, implementation, resolution = BASE_MODELS[version]
     return {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": architecture,
             "modelspec.implementation": implementation, "modelspec.resolution": resolution}
@@ -106,7 +113,7 @@ def modelspec_metadata(version: str) -> dict[str, str]:
 def adapter_metadata(source: Mapping[str, str], version: str, title: str, network_module: str,
                      dim: Optional[int] = None, extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """The metadata UIs read (consumers.md section 3): ss_* minimum keys and modelspec 1.0.1."""
-    metadata = carried_metadata(source)
+    metadata = {k: v for k, v in carried_metadata(source).items() if k not in _MODELSPEC_ARCH_KEYS}
     metadata.update({
         "ss_base_model_version": version,
         "ss_v2": str(version.startswith("sd_v2")),
@@ -126,6 +133,8 @@ def adapter_metadata(source: Mapping[str, str], version: str, title: str, networ
 def open_clip_fillers(shapes: Mapping[str, tuple], version: str) -> dict[str, tuple]:
     """{name: shape} of the missing siblings of partly covered OpenCLIP attention layers (SD2's and
     SDXL's second text encoder): A1111 skips such a layer unless q, k, v and out are all present."""
+    if version not in ARCH_OF_BASE_MODEL:
+        return {}
     arch = ldm_names.get_arch(ARCH_OF_BASE_MODEL[version])
     open_prefixes = tuple(p + "_" for p, encoder in arch.text_encoders.items() if encoder.open_clip)
     fillers = {}
@@ -141,10 +150,11 @@ def open_clip_fillers(shapes: Mapping[str, tuple], version: str) -> dict[str, tu
 
 # ---------------------------------------------------------------------------------------------
 # native <-> diff
-def to_diff(deltas: Sequence[ModuleDelta], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def to_diff(deltas: Sequence[ModuleDelta], dtype: torch.dtype = torch.float16,
+            progress: Progress = _no_progress) -> dict[str, torch.Tensor]:
     """LyCORIS `full` tensors: `<name>.diff` in the weight's exact shape, `.diff_b` for bias deltas."""
     tensors = {}
-    for delta in deltas:
+    for delta in progress(deltas, desc="diff", unit="module"):
         tensors[f"{delta.name}.diff"] = delta.dense(torch.float32).to(dtype).contiguous()
         if delta.bias_indices is not None and delta.bias_indices.numel():
             bias = torch.zeros(delta.shape[0], dtype=torch.float32)
@@ -159,13 +169,14 @@ def _support(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return indices.to(torch.int32), flat[indices]
 
 
-def from_diff(tensors: Mapping[str, torch.Tensor], path: str = "<diff>") -> tuple[list[ModuleDelta], list[str]]:
+def from_diff(tensors: Mapping[str, torch.Tensor], path: str = "<diff>",
+              progress: Progress = _no_progress) -> tuple[list[ModuleDelta], list[str]]:
     """Native deltas holding exactly the nonzero entries of a diff file, and the names of modules
     left out because their weight diff is all zero (a native module needs a weight support)."""
     grouped = group_modules(tensors)
     _check_names(grouped, path)
     deltas, empty = [], []
-    for name in sorted(grouped):
+    for name in progress(sorted(grouped), desc="read diff", unit="module"):
         parts = grouped[name]
         unknown = set(parts) - set(DIFF_SUFFIXES)
         if unknown or "diff" not in parts:
@@ -374,13 +385,15 @@ def lora_module_delta(name: str, parts: Mapping[str, torch.Tensor], path: str = 
     return dense * scale
 
 
-def lora_deltas(tensors: Mapping[str, torch.Tensor], path: str = "<lora>") -> dict[str, torch.Tensor]:
+def lora_deltas(tensors: Mapping[str, torch.Tensor], path: str = "<lora>",
+                progress: Progress = _no_progress) -> dict[str, torch.Tensor]:
     """{name: dense fp32 delta} of every module of a kohya / LyCORIS LoRA state dict."""
     grouped = group_modules(tensors)
     _check_names(grouped, path)
     if not grouped:
         raise SaraFileError(f"{path}: the file holds no tensors")
-    return {name: lora_module_delta(name, grouped[name], path) for name in sorted(grouped)}
+    return {name: lora_module_delta(name, grouped[name], path)
+            for name in progress(sorted(grouped), desc="expand LoRA", unit="module")}
 
 
 @dataclasses.dataclass
@@ -462,7 +475,8 @@ def _scaled_union(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> 
     return union.to(torch.int32), summed
 
 
-def merge_natives(files: Sequence[tuple[Sequence[ModuleDelta], float]]) -> list[ModuleDelta]:
+def merge_natives(files: Sequence[tuple[Sequence[ModuleDelta], float]],
+                  progress: Progress = _no_progress) -> list[ModuleDelta]:
     """One native delta list: per module the union of supports and sum(scale * delta).
     Progressive-step frozen flags do not survive a merge (they describe one training run)."""
     by_name: dict[str, list[tuple[ModuleDelta, float]]] = {}
@@ -470,7 +484,7 @@ def merge_natives(files: Sequence[tuple[Sequence[ModuleDelta], float]]) -> list[
         for delta in deltas:
             by_name.setdefault(delta.name, []).append((delta, float(scale)))
     merged = []
-    for name in sorted(by_name):
+    for name in progress(sorted(by_name), desc="merge", unit="module"):
         items = by_name[name]
         shapes = {tuple(d.shape) for d, _ in items}
         if len(shapes) > 1:
@@ -552,7 +566,7 @@ def load_diffusers_folder(path: str, version: Optional[str] = None) -> BaseModel
         version = ("sdxl_base_v1-0" if sdxl else
                    "sd_v2" if models["unet"].config.cross_attention_dim == 1024 else "sd_v1")
     targets = all_targets(models["unet"], encoders, text_encoder_prefixes(encoders) if encoders else [])
-    if ARCH_OF_BASE_MODEL[version] == "sdxl":
+    if ARCH_OF_BASE_MODEL.get(version) == "sdxl":
         layout = _unet_layout(models["unet"].config)
         targets = [Target(kohya_name(UNET_PREFIX, path_), path_, t.module, t.component) if t.component == "unet"
                    else t for t, path_ in
@@ -569,8 +583,7 @@ def checkpoint_version(keys: Iterable[str]) -> str:
         return "sd_v2"
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "sd_v1"
-    raise SaraFileError("not a Stable Diffusion checkpoint (no model.diffusion_model.* keys); "
-                        "an adapter file cannot be used as a base model")
+    raise SaraFileError("not a Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
 
 
 def _weight_module(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.nn.Module:
@@ -607,22 +620,64 @@ def checkpoint_targets(state_dict: Mapping[str, torch.Tensor], version: str) -> 
     return targets
 
 
+def _model_base(path: str, model: torch.nn.Module, version: Optional[str], **stored) -> BaseModel:
+    """A base model that is one diffusers model (not a pipeline): its Linear / Conv2d under U-Net names,
+    as SaRA names them when it trains that model (the demo, apply_sara on a bare model)."""
+    from .network import all_targets
+
+    return BaseModel(path, version or CUSTOM_BASE, all_targets(model, [], []), **stored)
+
+
+def load_diffusers_model_folder(path: str, version: Optional[str] = None) -> BaseModel:
+    """A diffusers model folder (config.json naming its `_class_name`, e.g. a UNet2DModel)."""
+    import os
+
+    import diffusers
+
+    with open(os.path.join(path, "config.json")) as stream:
+        class_name = json.load(stream).get("_class_name")
+    model_class = getattr(diffusers, str(class_name), None)
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        raise SaraFileError(f"{path}: config.json names {class_name!r}, which is not a diffusers model class")
+    model = model_class.from_pretrained(path, torch_dtype=_stored_dtype(path))
+    return _model_base(path, model, version, models={"": model})
+
+
 def load_checkpoint(path: str, version: Optional[str] = None) -> BaseModel:
-    from .fileformat import read_tensors
+    from .demo import BASE_METADATA_KEY
+    from .fileformat import describe_foreign, read_tensors
 
     state_dict, metadata = read_tensors(path)
-    version = version or checkpoint_version(state_dict)
+    if BASE_METADATA_KEY in metadata:
+        from .demo.model import load_base as load_demo_base
+
+        unet = load_demo_base(path)
+        return _model_base(path, unet, version, state_dict=unet.state_dict(), metadata=metadata)
+    if version is None:
+        try:
+            version = checkpoint_version(state_dict)
+        except SaraFileError as error:
+            adapter = "a native SaRA file" if "sara_format" in metadata else describe_foreign(state_dict)
+            found = f"it looks like {adapter}, not a base model" if adapter else "no model sara can read"
+            raise SaraFileError(f"{path}: {error}; {found}. A base model is {BASE_KINDS}") from None
     return BaseModel(path, version, checkpoint_targets(state_dict, version), state_dict=state_dict, metadata=metadata)
 
 
 def load_base(path: str, version: Optional[str] = None) -> BaseModel:
-    """A diffusers folder or a single-file checkpoint (.safetensors, or a tensor-only .ckpt)."""
+    """A base model: see BASE_KINDS (a .ckpt must hold tensors only)."""
     import os
 
-    return load_diffusers_folder(path, version) if os.path.isdir(path) else load_checkpoint(path, version)
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "unet")):
+            return load_diffusers_folder(path, version)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return load_diffusers_model_folder(path, version)
+        raise SaraFileError(f"{path}: a folder without unet/ or config.json; a base model is {BASE_KINDS}")
+    return load_checkpoint(path, version)
 
 
-def preset_support(base: BaseModel, config) -> tuple[dict[str, tuple[tuple, torch.Tensor]], dict]:
+def preset_support(base: BaseModel, config, progress: Progress = _no_progress
+                   ) -> tuple[dict[str, tuple[tuple, torch.Tensor]], dict]:
     """The SaRA selection of `config` (threshold / budget / density / preset) on a base model:
     ({name: (weight shape, indices)}, the network's file metadata: thresholds, base hash, config)."""
     from .network import SaraNetwork
@@ -631,20 +686,21 @@ def preset_support(base: BaseModel, config) -> tuple[dict[str, tuple[tuple, torc
     rules = load_preset(config.preset)
     targets = [t for t in base.targets if (rules.unet if t.component == "unet" else rules.text_encoder).matches(t.path)]
     network = SaraNetwork(config)
-    network.select(targets)
+    network.select(targets, progress)
     support = {m.sara_name: (m.weight_shape, m.indices) for m in network.sara_modules()}
     return support, network.file_metadata()
 
 
 @torch.no_grad()
-def bake(base: BaseModel, deltas: Sequence[ModuleDelta], source: str = "the SaRA files") -> None:
+def bake(base: BaseModel, deltas: Sequence[ModuleDelta], source: str = "the SaRA files",
+         progress: Progress = _no_progress) -> None:
     """Add the deltas (scales already folded in) into the base weights: fp32 math, dtypes kept.
     All-or-nothing: every module must exist in the base with the same shape."""
     from .network import SaraNetwork
 
     network = SaraNetwork()
     network.adopt_deltas(base.targets, deltas, source)
-    network.merge_into_base(1.0)
+    network.merge_into_base(1.0, progress)
 
 
 def write_merged(base: BaseModel, output: str) -> None:
@@ -662,8 +718,8 @@ def write_merged(base: BaseModel, output: str) -> None:
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
-    try:
-        for entry in os.listdir(base.path):
+    try:  # a model folder ("" in models) is re-saved whole; a pipeline's other subfolders are copied
+        for entry in ([] if "" in base.models else os.listdir(base.path)):
             if entry not in base.models:
                 source = os.path.join(base.path, entry)
                 copy = shutil.copytree if os.path.isdir(source) else shutil.copy2

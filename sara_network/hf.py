@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import fileformat
+from .convert import CUSTOM_BASE
 from .fileformat import SaraFileError
 from .naming import component_of, text_encoder_prefixes
 from .network import SaraNetwork, all_targets, collect_targets
@@ -97,6 +98,8 @@ class SaraDiffusersNetwork(SaraNetwork):
         metadata = dict(metadata or {})
         metadata.setdefault("ss_network_module", "sara_network")
         metadata.setdefault("sara_trainer", "diffusers")
+        if self.unet is not None and not self.text_encoders and type(self.unet).__name__ != "UNet2DConditionModel":
+            metadata.setdefault("ss_base_model_version", CUSTOM_BASE)  # no Stable Diffusion model: say so
         super().save(path, dtype, metadata)
 
     # --- optimizer ----------------------------------------------------------------------------

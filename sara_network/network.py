@@ -26,6 +26,7 @@ from .naming import UNET_PREFIX, canonical_root, kohya_name
 from .ops import compute_dtype, conv_padding, effective_values, sparse_delta_conv2d, sparse_delta_linear
 from .options import SaraConfig, auto_lr
 from .presets import TargetRules, load_preset
+from .progress import Progress, no_progress, progress_bars
 from .regularizers import rank_penalty_grad
 
 logger = logging.getLogger("sara_network")
@@ -283,8 +284,9 @@ class SaraNetwork(nn.Module):
                 module.multiplier = self.multiplier
                 self.add_module(target.name, module)
 
-    def select(self, targets: Sequence[Target]) -> None:
-        """Compute the paper's selection for `targets` (fp32, from the weights as they are now)."""
+    def select(self, targets: Sequence[Target], progress: Progress = progress_bars()) -> None:
+        """Compute the paper's selection for `targets` (fp32, from the weights as they are now); a
+        progress bar shows on a terminal when it takes more than a second (large models)."""
         config = self.config
         if not targets:
             raise SaraSelectionError(f"preset {config.preset!r} matches no Linear/Conv2d module of this model")
@@ -307,7 +309,7 @@ class SaraNetwork(nn.Module):
                 if count > total:
                     raise SaraSelectionError(f"budget={count} exceeds the {total} targeted weights")
                 threshold = selection.threshold_for_count(weights, count)
-            for target in group:
+            for target in progress(group, desc="SaRA selection", unit="module"):
                 self.thresholds[target.component] = threshold
                 indices[target.name] = selection.select_below(target.module.weight, threshold)
                 if config.include_bias and target.module.bias is not None:
@@ -465,11 +467,12 @@ class SaraNetwork(nn.Module):
 
     # --- merging ------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge_into_base(self, multiplier: Optional[float] = None) -> None:
-        """Add m * delta into the base weights for good (fp32 math, base dtype kept) and unpatch."""
+    def merge_into_base(self, multiplier: Optional[float] = None, progress: Progress = no_progress) -> None:
+        """Add m * delta into the base weights for good (fp32 math, base dtype kept) and unpatch.
+        `progress` wraps the per-module loop (the CLI passes a tqdm)."""
         scale = self.multiplier if multiplier is None else float(multiplier)
         self.unpatch()
-        for module in self.sara_modules():
+        for module in progress(self.sara_modules(), desc="bake", unit="module"):
             weight = module.base.weight
             merged = weight.detach().to(torch.float32).reshape(-1)
             update = scale * module.pinned_delta().detach().to(device=merged.device, dtype=torch.float32)

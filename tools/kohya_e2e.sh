@@ -226,7 +226,7 @@ if metadata.get("ss_network_module") != "sara_network":
 if path.endswith(".safetensors"):
     blob = open(path, "rb").read()
     header = struct.unpack("<Q", blob[:8])[0]
-    if metadata.get("sshs_model_hash") != "0x" + hashlib.sha256(blob[8 + header:]).hexdigest():
+    if metadata.get("sshs_model_hash") != hashlib.sha256(blob[8 + header:]).hexdigest():  # hex, no 0x (kohya's)
         problems.append("sshs_model_hash does not match the data section")
 if "dtype" in expect and dtypes != [expect["dtype"]]:
     problems.append(f"dtypes {dtypes}, expected {expect['dtype']}")

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from . import BASE_METADATA_KEY
+
 
 BASE_PATH = Path(__file__).with_name("digits_base.safetensors")
-METADATA_KEY = "demo_base"  # safetensors metadata entry holding the training config and results as JSON
+METADATA_KEY = BASE_METADATA_KEY  # safetensors metadata entry holding the training config and results as JSON
 
 UNET_CONFIG = {
     "sample_size": 16,
@@ -88,13 +90,14 @@ def sample(unet: UNet2DModel, labels: Sequence[int] | torch.Tensor, seed: int = 
 def save_grid_png(
     rows_of_images: Sequence[torch.Tensor], path: str | os.PathLike, labels: Sequence[str] | None = None, scale: int = 4
 ) -> None:
-    """Write rows of (K, 1, H, W) images in [-1, 1] as one PNG, each digit enlarged `scale` times (nearest)."""
+    """Write rows of (K, 1, H, W) images in [-1, 1] as one PNG, each digit enlarged `scale` times (nearest),
+    each row's label (if given) in a left margin wide enough for the longest one."""
     from PIL import Image, ImageDraw
 
     rows = [r.detach().cpu().float() for r in rows_of_images]
     height, width = rows[0].shape[-2] * scale, rows[0].shape[-1] * scale
     pad = 2
-    margin = 24 if labels is not None else 0
+    margin = 8 + 6 * max(len(str(label)) for label in labels) if labels is not None else 0
     columns = max(len(r) for r in rows)
     grid = Image.new(
         "L", (margin + columns * (width + pad) + pad, len(rows) * (height + pad) + pad), color=128
