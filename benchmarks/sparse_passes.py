@@ -22,11 +22,11 @@ TAG = "SPARSE_PASSES "
 
 def worker(code: str, budget: int, arch: str, batch: int, steps: int) -> dict:
     sys.path.insert(0, code)
+    import sara_network  # first: memory_speed puts this checkout on sys.path when imported
+
     sys.path.insert(1, str(HERE))
     import torch
-    import torch.nn.functional as F
     import memory_speed
-    import sara_network
     from sara_network.network import SaraNetwork, collect_targets
     from sara_network.options import SaraConfig
 
