@@ -398,8 +398,10 @@ class SaraNetwork(nn.Module):
         return self.total_steps
 
     def check_calibration_length(self, total_steps: Optional[int], name: str = "total_steps") -> None:
+        """A calibration still to come (before or after the selection) must leave steps to train."""
         steps = self.config.calibration_steps
-        if self.calibration_pending() and total_steps and steps >= total_steps:
+        to_come = self.config.selection in GRADIENT_MODES and self.calibration_record.get("state", "pending") == "pending"
+        if to_come and total_steps and steps >= total_steps:
             raise SaraOptionError(f"calibration_steps={steps} is not shorter than training ({name}={total_steps}): "
                                   "the calibration steps train nothing; lower calibration_steps or train longer")
 
