@@ -282,9 +282,10 @@ class SaraModule(nn.Module):
                 setattr(self, name, torch.empty_like(saved, device=self.indices.device))
         before = self.indices.clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if not torch.equal(before, self.indices):
+        if not torch.equal(before, self.indices):  # chosen by a calibration: nothing left to calibrate here
             with torch.no_grad():
                 self.base_values = self._gather_base(self.indices)
+            self.calibration = None
 
 
 def _patch_owner(forward) -> Optional["SaraModule"]:
@@ -311,6 +312,7 @@ class SaraNetwork(nn.Module):
         self.source_metadata: dict[str, str] = {}
         self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64))
         self.calibration_record: dict = {}  # how a gradient selection was calibrated (file metadata)
+        self.register_load_state_dict_post_hook(SaraNetwork._after_load_state_dict)
         self._hook_handles = []
         self._optimizer_owns_us = weakref.WeakKeyDictionary()
 
@@ -455,11 +457,14 @@ class SaraNetwork(nn.Module):
                     f"{steps_kind} ({backwards} backward passes)")
         return dict(self.calibration_record)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A checkpoint saved after the calibration already holds the chosen entries: resume on them."""
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.calibration_pending() and int(self.optimizer_steps) >= self.config.calibration_steps:
-            for module in self.sara_modules():
+    def _after_load_state_dict(self, *_) -> None:
+        """A checkpoint saved after the calibration (by steps or by calibrate()) holds the chosen
+        entries: resume on them. One saved inside the step-based calibration continues it."""
+        modules = self.sara_modules()
+        if self.calibration_record.get("state") != "pending" or not modules:
+            return
+        if int(self.optimizer_steps) >= self.config.calibration_steps or any(m.calibration is None for m in modules):
+            for module in modules:
                 module.calibration = None
             self.calibration_record = {"mode": self.config.selection, "state": "done", "resumed": True}
 
@@ -549,7 +554,10 @@ class SaraNetwork(nn.Module):
         chosen = sum(c for c, _ in blocks.values())
         total = sum(t for _, t in blocks.values())
         thresholds = ", ".join(f"{k}: {v:.4g}" for k, v in self.thresholds.items())
-        report = "\n".join([f"SaRA selection ({len(self.sara_modules())} modules; thresholds {thresholds or 'from file'}):",
+        mode = "" if self.config.selection == "magnitude" else f"; selection={self.config.selection}" + (
+            f", entries re-chosen after {self.config.calibration_steps} calibration steps"
+            if self.calibration_pending() else "")
+        report = "\n".join([f"SaRA selection ({len(self.sara_modules())} modules; thresholds {thresholds or 'from file'}{mode}):",
                             *lines,
                             f"  total: {chosen:,d} trainable of {total:,d} targeted weights ({chosen / max(total, 1):.3%})"])
         logger.info(report)

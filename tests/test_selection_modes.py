@@ -280,6 +280,14 @@ def test_diffusers_path_calibrate_and_step_based(tmp_path):
         if how == "calibrate":
             network.calibrate(lambda step: sd1_loss(unet, text_encoder, step))
             assert network.calibration_record["steps_kind"] == "calibrate() batches"
+            # a checkpoint taken before any optimizer step still holds the calibrated entries
+            early = hf.apply_sara(copy.deepcopy(m.unet), [copy.deepcopy(m.text_encoders[0])], density=0.05,
+                                  selection="gradient", calibration_steps=2, progressive_iter="off")
+            early.load_checkpoint_state(network.checkpoint_state())
+            assert not early.calibration_pending()
+            assert all(torch.equal(a.indices, b.indices) for a, b in zip(early.sara_modules(), network.sara_modules()))
+            early.unpatch()
+            early.detach_optimizer_hooks()
         with torch.no_grad():
             before = float(sd1_loss(unet, text_encoder, 0))
         steps = 4 if how == "calibrate" else 6
