@@ -195,11 +195,15 @@ class SaraModule(nn.Module):
             raise SaraSelectionError(f"{self.sara_name}: a gradient selection cannot calibrate a layer that another "
                                      "network also patches; calibrate before stacking networks")
         base = self.base
-        weight = _GradientProbe.apply(base.weight, self.delta, self)
-        if self.kind == "linear":
-            return torch.nn.functional.linear(x, weight, base.bias)
-        x, padding = conv_padding(base, x)
-        return torch.nn.functional.conv2d(x, weight, base.bias, base.stride, padding, base.dilation, base.groups)
+        dtype = compute_dtype(x)  # as the training path: the layer's autocast dtype (also for fp8 weights)
+        with torch.autocast(x.device.type, enabled=False):
+            weight = _GradientProbe.apply(base.weight.to(dtype), self.delta, self)
+            bias = None if base.bias is None else base.bias.to(dtype)
+            if self.kind == "linear":
+                return torch.nn.functional.linear(x.to(dtype), weight, bias)
+            x, padding = conv_padding(base, x)
+            return torch.nn.functional.conv2d(x.to(dtype), weight, bias, base.stride, padding, base.dilation,
+                                              base.groups)
 
     @torch.no_grad()
     def score_gradient(self, grad: torch.Tensor) -> None:

@@ -95,8 +95,8 @@ def parse_selection(text: str) -> str:
 
 
 def parse_pool_factor(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 1:
+    value = parse_positive_float(text)
+    if value < 1:
         raise ValueError("expected a number >= 1 (the pool is this many times each layer's count)")
     return value
 

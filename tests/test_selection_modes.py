@@ -23,14 +23,6 @@ from sara_network.presets import TargetRules
 MODES = ["magnitude", "random", "gradient", "gradient_small"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sd1_loss(unet, text_encoder, seed):
     latents, timesteps, ids, target = models.batch("sd1", seed)
     prediction = unet(latents, timesteps, text_encoder(ids).last_hidden_state).sample
@@ -265,6 +257,30 @@ def test_kohya_path_end_to_end_with_adamw(mode, tmp_path):
         assert torch.equal(mine.base_values, theirs.base_values)
     for net in (network, fresh, magnitude):
         net.detach_optimizer_hooks()
+
+
+@pytest.mark.parametrize("weight_dtype,autocast_dtype", [(torch.float16, torch.float16),
+                                                         (torch.float8_e4m3fn, torch.bfloat16)])
+def test_calibration_on_half_and_fp8_base_weights(weight_dtype, autocast_dtype):
+    """kohya casts the frozen U-Net after apply_to (--mixed_precision, --fp8_base): the calibration
+    computes in the autocast dtype, as the training path does."""
+    m = models.tiny_sd1()
+    network = make_network(m, {"density": "0.05", "progressive_iter": "off", "selection": "gradient",
+                               "calibration_steps": "1"}, max_train_steps=2, train_text_encoder=False)
+    magnitude = layer_indices(network)
+    optimizer = make_optimizer(network)
+    freeze_and_cast(m, network)
+    m.unet.to(weight_dtype)
+    for module in m.unet.modules():  # norms and embeddings in the compute dtype, as kohya's fp8 path
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(autocast_dtype)
+    train_steps(m, network, optimizer, 2, autocast_dtype=autocast_dtype)
+    chosen = layer_indices(network)
+    assert sum(int((chosen[n] != magnitude[n]).sum()) for n in chosen) > network.selected_count() // 2
+    deltas = [module.delta for module in network.sara_modules()]
+    assert all(torch.isfinite(d).all() for d in deltas) and any(d.any() for d in deltas)
+    network.detach_optimizer_hooks()
 
 
 def test_diffusers_path_calibrate_and_step_based(tmp_path):
