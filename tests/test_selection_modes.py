@@ -159,6 +159,28 @@ def test_gradient_small_picks_the_top_gradient_in_the_small_weight_pool():
         assert set(module.indices.tolist()) == top_entries(scores[short], count, among=pool), short
 
 
+def test_progressive_step_freezes_only_entries_that_were_below_the_threshold():
+    model = TinyNet()
+    network = SaraNetwork(SaraConfig(density=0.3, selection="random", progressive_iter=1))
+    network.select(find_targets(model, UNET_PREFIX, TargetRules()))
+    network.patch()
+    network.attach_optimizer_hooks()
+    model.requires_grad_(False)
+    optimizer = torch.optim.Adam(network.trainable_parameters(), lr=0.05)
+    x, target = tiny_batches(1)[0]
+    nn.functional.mse_loss(model(x), target).backward()
+    optimizer.step()  # Adam moves every entry by about lr: far past the threshold
+    threshold = network.thresholds["unet"]
+    frozen = below = 0
+    for module in network.sara_modules():
+        base = module.base_values.float().abs()
+        assert bool((base[module.frozen_positions.long()] < threshold).all())
+        frozen += module.frozen_positions.numel()
+        below += int((base < threshold).sum())
+    assert 0 < frozen <= below < network.selected_count()
+    network.detach_optimizer_hooks()
+
+
 # ---------------------------------------------------------------------------------------------
 def test_calibration_keeps_the_base_bit_identical_and_one_dense_gradient_at_a_time(monkeypatch):
     m = models.tiny_sd1()
