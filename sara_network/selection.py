@@ -5,6 +5,10 @@ fp32 and w taken as loaded (before any half-precision cast, which would flip ent
 threshold). A budget or density is turned into one global threshold by an exact radix select over
 the fp32 bit patterns, layer by layer, so it never holds more than one layer's |w| at a time
 (`torch.quantile` refuses inputs above 16M elements and sorting 860M floats needs gigabytes).
+
+The other `selection=` modes keep the rule's count per layer and choose other entries of it: at
+random, or by gradient scores streamed one layer's dense gradient at a time into a bounded
+candidate set (`accumulate_candidates`).
 """
 from __future__ import annotations
 
