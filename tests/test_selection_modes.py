@@ -70,6 +70,24 @@ def test_each_mode_selects_the_paper_count_deterministically(mode):
         assert any(not torch.equal(reseeded[n], first[n]) for n in first)
 
 
+def test_candidate_scores_are_lower_bounds_and_exact_when_the_set_covers_the_layer():
+    from sara_network import selection
+
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(500, generator=generator).abs() * torch.rand(500, generator=generator) for _ in range(6)]
+    exact = torch.stack(grads).sum(0)
+    for capacity in (40, 500):
+        indices, scores = torch.zeros(0, dtype=torch.int32), torch.zeros(0)
+        for grad in grads:
+            indices, scores = selection.accumulate_candidates(indices, scores, grad, capacity, fixed=False)
+        assert indices.numel() == capacity == indices.unique().numel()
+        assert bool((scores <= exact[indices.long()] + 1e-6).all())  # never more than the true sum
+        if capacity == 500:
+            torch.testing.assert_close(scores, exact[indices.long()])
+            chosen = selection.top_scored(indices, scores, 25)
+            assert set(chosen.tolist()) == set(torch.topk(exact, 25).indices.tolist())
+
+
 # ---------------------------------------------------------------------------------------------
 class TinyNet(nn.Module):
     """A conv and two Linear layers, small enough for an exact dense reference."""
