@@ -139,8 +139,11 @@ class SaraDiffusersNetwork(SaraNetwork):
         missing, unexpected = sorted(set(ours) - saved), sorted(saved - set(ours))
         problems = [f"{len(missing)} modules missing (first: {missing[0]})"] if missing else []
         problems += [f"{len(unexpected)} unknown modules (first: {unexpected[0]})"] if unexpected else []
+        calibrated_later = self.calibration_pending()  # a gradient selection: the checkpoint holds the chosen entries
         for name, module in ours.items():
             indices = state.get(f"{name}.indices")
+            if calibrated_later and indices is not None and indices.shape == module.indices.shape:
+                continue
             if indices is not None and not torch.equal(indices.to(module.indices.device), module.indices):
                 problems.append(f"{name}: the selected entries differ")
         if problems:
@@ -207,6 +210,9 @@ def apply_sara(unet: Optional[nn.Module], text_encoders: Iterable[nn.Module] = (
     - `total_steps`: optimizer steps of the run, needed for a fractional progressive_iter (the
       default 0.5); it can also be set later on `network.total_steps`.
     - `weights`: start from a native file (its selection and deltas) instead of selecting.
+    - `selection="gradient"` / `"gradient_small"`: the entries are chosen by a calibration, either
+      `network.calibrate(loss_fn)` before training or, if it is not called, the first
+      `calibration_steps` optimizer steps (which then train nothing).
 
     Call it on the weights as loaded (fp32), before casting the frozen model to half precision: the
     selection |w| < threshold is computed from them. The base model is neither frozen nor moved;
@@ -219,6 +225,7 @@ def apply_sara(unet: Optional[nn.Module], text_encoders: Iterable[nn.Module] = (
     network = SaraDiffusersNetwork(resolved, multiplier, unet, text_encoders)
     network.total_steps = total_steps
     if weights is not None:
+        network.refuse_file(f"weights= ({weights})")
         network.load_file(weights)
         skipped = [m.component for m in network.sara_modules()
                    if (m.component == "unet" and not train_unet) or (m.component != "unet" and not train_text_encoder)]
@@ -228,6 +235,7 @@ def apply_sara(unet: Optional[nn.Module], text_encoders: Iterable[nn.Module] = (
         unet_, encoders, prefixes = network._models
         targets = collect_targets(unet_, encoders, prefixes, resolved.preset, train_unet, train_text_encoder)
         network.select(targets)
+        network.check_calibration_length(total_steps, "total_steps")
     for module in network.sara_modules():
         trained = train_unet if module.component == "unet" else train_text_encoder
         for param in module.parameters():
@@ -247,7 +255,7 @@ def all_reduce_gradients(accelerator, network: SaraNetwork) -> None:
 
     The network is never called as a module, so DistributedDataParallel cannot sync it: call this
     after backward when `accelerator.sync_gradients`, before clipping and `optimizer.step()`."""
-    if accelerator.num_processes <= 1:
+    if accelerator.num_processes <= 1 or network.calibration_pending():  # calibration steps have no gradients
         return
     for param in network.trainable_parameters():
         if param.requires_grad:

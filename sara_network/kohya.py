@@ -55,8 +55,18 @@ class SaraKohyaNetwork(SaraNetwork):
     # --- set-up -------------------------------------------------------------------------------
     def prepare_network(self, args) -> None:
         """kohya hands over its args; max_train_steps is read when the progressive step is due
-        (kohya may recompute it from --max_train_epochs after this call)."""
+        (kohya may recompute it from --max_train_epochs after this call, so a gradient selection's
+        calibration length is checked again at the first optimizer step)."""
         self._args = args
+        self.check_calibration_length(getattr(args, "max_train_steps", None), "max_train_steps")
+
+    def known_total_steps(self) -> Optional[int]:
+        if self._args is not None and getattr(self._args, "max_train_steps", None):
+            return int(self._args.max_train_steps)
+        return self.total_steps
+
+    def check_calibration_length(self, total_steps: Optional[int], name: str = "max_train_steps") -> None:
+        super().check_calibration_length(total_steps, name)
 
     def progressive_step(self) -> Optional[int]:
         if self._args is not None and getattr(self._args, "max_train_steps", None):
@@ -104,6 +114,7 @@ class SaraKohyaNetwork(SaraNetwork):
 
     def load_weights(self, file: str) -> str:
         """Load a native file (resume / --network_weights). Its support replaces the selection."""
+        self.refuse_file(f"--network_weights ({file})")
         deltas, metadata = fileformat.load_native(file)
         text_encoders, unet = self._models
         apply_text_encoder, apply_unet = self._apply_flags
@@ -240,6 +251,7 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae, tex
     deltas = fileformat.parse_native(tensors, metadata, file or "<weights_sd>")
     config = parse_network_args(kwargs)
     network = SaraKohyaNetwork(config, multiplier, _as_list(text_encoder), unet)
+    network.refuse_file(f"a weights file ({file or 'weights_sd'})")
     network._pending_deltas = deltas
     network.adopt_file_settings(metadata)
     return network, tensors

@@ -24,7 +24,7 @@ from . import fileformat, selection
 from .fileformat import ModuleDelta, SaraFileError
 from .naming import UNET_PREFIX, canonical_root, kohya_name
 from .ops import compute_dtype, conv_padding, effective_values, sparse_delta_conv2d, sparse_delta_linear
-from .options import SaraConfig, auto_lr
+from .options import GRADIENT_MODES, SaraConfig, SaraOptionError, auto_lr
 from .presets import TargetRules, load_preset
 from .progress import Progress, no_progress, progress_bars
 from .regularizers import rank_penalty_grad
@@ -65,6 +65,33 @@ def find_targets(root: nn.Module, prefix: str, rules: TargetRules) -> list[Targe
     return targets
 
 
+@dataclasses.dataclass
+class LayerCalibration:
+    """A gradient selection in progress for one layer: candidate positions and their summed |grad|."""
+
+    indices: torch.Tensor  # int32 flat positions
+    scores: torch.Tensor  # fp32 accumulated |weight gradient|
+    capacity: int
+    fixed: bool  # gradient_small: the candidates are a pool fixed in advance
+    backwards: int = 0
+
+
+class _GradientProbe(torch.autograd.Function):
+    """The frozen weight, made part of the graph through the (zero) deltas: its backward receives
+    the layer's dense weight gradient, hands it to the layer's calibration and lets it go (no
+    gradient reaches the deltas or the weight)."""
+
+    @staticmethod
+    def forward(ctx, weight, delta, module):
+        ctx.module = module
+        return weight.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.module.score_gradient(grad)
+        return None, None, None
+
+
 class SaraModule(nn.Module):
     """The sparse delta of one weight (and optionally its bias), and the patched forward."""
 
@@ -92,6 +119,7 @@ class SaraModule(nn.Module):
         # weight (see current_base_values).
         self.register_buffer("base_values", self._gather_base(indices), persistent=False)
         self._base_key = self._weight_key()
+        self.calibration: Optional[LayerCalibration] = None  # set while a gradient selection calibrates
         self.bias_delta = None
         self.register_buffer("bias_indices", None)
         if bias_indices is not None and bias_indices.numel():
@@ -175,6 +203,8 @@ class SaraModule(nn.Module):
         multiplier = self.multiplier
         if multiplier == 0.0:
             return self._original_forward(x, *args, **kwargs)
+        if self.calibration is not None and torch.is_grad_enabled() and self.delta.requires_grad:
+            return self.calibration_forward(x)
         if self._stacked:
             return self._original_forward(x, *args, **kwargs) + self.delta_output(x, multiplier)
         base = self.base
@@ -189,6 +219,45 @@ class SaraModule(nn.Module):
         x, padding = conv_padding(base, x)
         return sparse_delta_conv2d(x, base.weight, bias, self.delta, self.indices, multiplier, base.stride,
                                    padding, base.dilation, base.groups, self.frozen_positions, None, base_values)
+
+    # --- calibration of a gradient selection ---------------------------------------------------
+    def calibration_forward(self, x):
+        """The base layer's output (the deltas are zero), with the weight probed for its gradient."""
+        if self._stacked:
+            raise SaraSelectionError(f"{self.sara_name}: a gradient selection cannot calibrate a layer that another "
+                                     "network also patches; calibrate before stacking networks")
+        base = self.base
+        dtype = compute_dtype(x)  # as the training path: the layer's autocast dtype (also for fp8 weights)
+        with torch.autocast(x.device.type, enabled=False):
+            weight = _GradientProbe.apply(base.weight.to(dtype), self.delta, self)
+            bias = None if base.bias is None else base.bias.to(dtype)
+            if self.kind == "linear":
+                return torch.nn.functional.linear(x.to(dtype), weight, bias)
+            x, padding = conv_padding(base, x)
+            return torch.nn.functional.conv2d(x.to(dtype), weight, bias, base.stride, padding, base.dilation,
+                                              base.groups)
+
+    @torch.no_grad()
+    def score_gradient(self, grad: torch.Tensor) -> None:
+        """Add one backward's dense weight gradient (this layer's only) to the candidate scores."""
+        calibration = self.calibration
+        if calibration is None:
+            return
+        grad_abs = grad.detach().reshape(-1).abs().to(torch.float32)
+        calibration.indices, calibration.scores = selection.accumulate_candidates(
+            calibration.indices.to(grad_abs.device), calibration.scores.to(grad_abs.device), grad_abs,
+            calibration.capacity, calibration.fixed)
+        calibration.backwards += 1
+
+    @torch.no_grad()
+    def replace_indices(self, indices: torch.Tensor) -> None:
+        """Move the (still zero) deltas to other entries: same count, buffers updated in place so an
+        optimizer, DDP and state_dict keep pointing at the same tensors."""
+        indices = indices.to(device=self.indices.device, dtype=torch.int32)
+        if indices.shape != self.indices.shape:
+            raise ValueError(f"{self.sara_name}: {indices.numel()} entries for {self.indices.numel()} deltas")
+        self.indices.copy_(indices)
+        self.base_values = self._gather_base(self.indices)
 
     def delta_output(self, x, multiplier: float):
         """The layer applied with only m * delta as its weight (and m * bias delta as its bias)."""
@@ -239,15 +308,20 @@ class SaraModule(nn.Module):
         """The frozen set grows at the progressive step: resize before the default copy.
 
         A missing frozen buffer means "nothing frozen": accelerate's save_state takes all empty
-        tensors (storage pointer 0) for aliases of one another and writes only one of them."""
+        tensors (storage pointer 0) for aliases of one another and writes only one of them. Indices
+        chosen by a calibration differ from a fresh selection's: the base values follow them."""
         for name in ("frozen_positions", "frozen_values"):
             if prefix + name not in state_dict:
                 state_dict[prefix + name] = getattr(self, name).new_zeros(0)
             saved = state_dict[prefix + name]
             if saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=self.indices.device))
+        before = self.indices.clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.pin_frozen_data()
+        if not torch.equal(before, self.indices):  # chosen by a calibration: nothing left to calibrate here
+            self._base_key = None  # base values re-gathered at the new entries on next use
+            self.calibration = None
 
 
 def _patch_owner(forward) -> Optional["SaraModule"]:
@@ -259,6 +333,10 @@ def _patch_owner(forward) -> Optional["SaraModule"]:
 class SaraNetwork(nn.Module):
     """All SaRA deltas of a model, keyed by kohya module name."""
 
+    # selection=gradient keeps, per layer, this many times its count of candidate entries while
+    # calibrating (the memory / exactness trade-off of the streamed scores; see docs/kohya.md)
+    candidate_factor = 4
+
     def __init__(self, config: Optional[SaraConfig] = None, multiplier: float = 1.0):
         super().__init__()
         self.config = config or SaraConfig()
@@ -269,6 +347,8 @@ class SaraNetwork(nn.Module):
         self.base_hash: Optional[str] = None
         self.source_metadata: dict[str, str] = {}
         self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64))
+        self.calibration_record: dict = {}  # how a gradient selection was calibrated (file metadata)
+        self.register_load_state_dict_post_hook(SaraNetwork._after_load_state_dict)
         self._hook_handles = []
         self._optimizer_owns_us = weakref.WeakKeyDictionary()
 
@@ -312,6 +392,10 @@ class SaraNetwork(nn.Module):
             for target in progress(group, desc="SaRA selection", unit="module"):
                 self.thresholds[target.component] = threshold
                 indices[target.name] = selection.select_below(target.module.weight, threshold)
+                if config.selection == "random":  # the paper's count for this layer, at random positions
+                    indices[target.name] = selection.random_entries(
+                        target.module.weight.numel(), indices[target.name].numel(),
+                        selection.layer_seed(config.seed, target.name))
                 if config.include_bias and target.module.bias is not None:
                     bias_indices[target.name] = selection.select_below(target.module.bias, threshold)
             selected = sum(int(indices[t.name].numel()) for t in group)
@@ -324,6 +408,102 @@ class SaraNetwork(nn.Module):
                     "of them, or use budget=/density=")
         self.add_targets(targets, indices, bias_indices)
         self.base_hash = fileformat.base_fingerprint((m.sara_name, m.base.weight) for m in self.sara_modules())
+        if config.selection in GRADIENT_MODES:
+            self.start_calibration()
+
+    # --- gradient selections: calibration ----------------------------------------------------------
+    def start_calibration(self) -> None:
+        """Prepare every layer to score gradients; until the calibration ends the deltas stay zero
+        and get no gradient. gradient_small's pool is chosen now, from the weights as loaded."""
+        config = self.config
+        for module in self.sara_modules():
+            count, numel = module.indices.numel(), math.prod(module.weight_shape)
+            device = module.indices.device
+            if config.selection == "gradient_small":
+                pool = selection.smallest_entries(module.base.weight, min(numel, math.ceil(config.pool_factor * count)))
+                module.calibration = LayerCalibration(pool.to(device), torch.zeros(pool.numel(), device=device),
+                                                      pool.numel(), fixed=True)
+            else:
+                module.calibration = LayerCalibration(torch.zeros(0, dtype=torch.int32, device=device),
+                                                      torch.zeros(0, device=device),
+                                                      min(numel, self.candidate_factor * count), fixed=False)
+        self.calibration_record = {"mode": config.selection, "state": "pending"}
+
+    def calibration_pending(self) -> bool:
+        return any(module.calibration is not None for module in self.sara_modules())
+
+    def known_total_steps(self) -> Optional[int]:
+        """Optimizer steps of the whole run, when the host has said (kohya reads its args)."""
+        return self.total_steps
+
+    def check_calibration_length(self, total_steps: Optional[int], name: str = "total_steps") -> None:
+        """A calibration still to come (before or after the selection) must leave steps to train."""
+        steps = self.config.calibration_steps
+        to_come = self.config.selection in GRADIENT_MODES and self.calibration_record.get("state", "pending") == "pending"
+        if to_come and total_steps and steps >= total_steps:
+            raise SaraOptionError(f"calibration_steps={steps} is not shorter than training ({name}={total_steps}): "
+                                  "the calibration steps train nothing; lower calibration_steps or train longer")
+
+    def refuse_file(self, source: str) -> None:
+        """A file fixes the trained entries: a gradient selection has nothing left to choose."""
+        if self.config.selection in GRADIENT_MODES:
+            raise SaraOptionError(f"selection={self.config.selection} cannot be combined with {source}: the file "
+                                  "already fixes the trained entries; drop the selection arg (or use selection=magnitude)")
+
+    def calibrate(self, loss_fn, steps: Optional[int] = None) -> dict:
+        """Calibrate a gradient selection before training: `loss_fn(step)` returns the training loss
+        of one batch; each loss is back-propagated and scored, then the entries are chosen."""
+        if not self.calibration_pending():
+            raise SaraSelectionError(f"nothing to calibrate: selection={self.config.selection} "
+                                     "(only gradient and gradient_small calibrate, once, before training)")
+        steps = self.config.calibration_steps if steps is None else int(steps)
+        if steps < 1:
+            raise SaraOptionError(f"calibrate(steps={steps}): at least one step is needed")
+        for step in range(steps):
+            loss_fn(step).backward()
+        return self.finish_calibration(steps_kind="calibrate() batches", steps=steps)
+
+    @torch.no_grad()
+    def finish_calibration(self, steps_kind: str = "optimizer steps", steps: Optional[int] = None) -> dict:
+        """Re-choose each layer's entries from its scores (same count, deltas still zero); in a
+        multi-process run every process then takes rank 0's choice."""
+        unseen, backwards = [], 0
+        for module in self.sara_modules():
+            calibration, module.calibration = module.calibration, None
+            if calibration is None:
+                continue
+            if calibration.backwards == 0:  # never reached by a backward: keeps the magnitude entries
+                unseen.append(module.sara_name)
+                continue
+            backwards = max(backwards, calibration.backwards)
+            module.replace_indices(selection.top_scored(calibration.indices, calibration.scores,
+                                                        module.indices.numel()))
+        world = _broadcast_indices(self.sara_modules())
+        config = self.config
+        self.calibration_record = {
+            "mode": config.selection, "state": "done", "steps": steps if steps is not None else int(self.optimizer_steps),
+            "steps_kind": steps_kind, "backward_passes": backwards, "processes": world,
+            "chosen_by": "rank 0" if world > 1 else "this process",
+            "candidate_factor": None if config.selection == "gradient_small" else self.candidate_factor,
+            "pool_factor": config.pool_factor if config.selection == "gradient_small" else None,
+            "layers_without_gradient": len(unseen)}
+        if unseen:
+            logger.warning(f"SaRA: {len(unseen)} layers got no gradient during the calibration and keep their "
+                           f"magnitude entries (first: {unseen[0]})")
+        logger.info(f"SaRA selection={config.selection}: entries chosen after {self.calibration_record['steps']} "
+                    f"{steps_kind} ({backwards} backward passes)")
+        return dict(self.calibration_record)
+
+    def _after_load_state_dict(self, *_) -> None:
+        """A checkpoint saved after the calibration (by steps or by calibrate()) holds the chosen
+        entries: resume on them. One saved inside the step-based calibration continues it."""
+        modules = self.sara_modules()
+        if self.calibration_record.get("state") != "pending" or not modules:
+            return
+        if int(self.optimizer_steps) >= self.config.calibration_steps or any(m.calibration is None for m in modules):
+            for module in modules:
+                module.calibration = None
+            self.calibration_record = {"mode": self.config.selection, "state": "done", "resumed": True}
 
     def adopt_deltas(self, targets: Sequence[Target], deltas: Sequence[ModuleDelta], source: str = "<file>") -> None:
         """Replace the selection with the support of `deltas` and load their values, all or nothing.
@@ -411,7 +591,10 @@ class SaraNetwork(nn.Module):
         chosen = sum(c for c, _ in blocks.values())
         total = sum(t for _, t in blocks.values())
         thresholds = ", ".join(f"{k}: {v:.4g}" for k, v in self.thresholds.items())
-        report = "\n".join([f"SaRA selection ({len(self.sara_modules())} modules; thresholds {thresholds or 'from file'}):",
+        mode = "" if self.config.selection == "magnitude" else f"; selection={self.config.selection}" + (
+            f", entries re-chosen after {self.config.calibration_steps} calibration steps"
+            if self.calibration_pending() else "")
+        report = "\n".join([f"SaRA selection ({len(self.sara_modules())} modules; thresholds {thresholds or 'from file'}{mode}):",
                             *lines,
                             f"  total: {chosen:,d} trainable of {total:,d} targeted weights ({chosen / max(total, 1):.3%})"])
         logger.info(report)
@@ -427,6 +610,7 @@ class SaraNetwork(nn.Module):
             "sara_thresholds": json.dumps(self.thresholds),
             "sara_base_hash": self.base_hash or "",
             "sara_optimizer_steps": str(int(self.optimizer_steps)),
+            **({"sara_calibration": json.dumps(self.calibration_record)} if self.calibration_record else {}),
         }
 
     def save(self, path: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> None:
@@ -589,6 +773,10 @@ class SaraNetwork(nn.Module):
         self.optimizer_steps += 1
         for module in self.sara_modules():
             module.pin_frozen_data()
+        if self.calibration_pending():
+            self.check_calibration_length(self.known_total_steps())
+            if int(self.optimizer_steps) >= self.config.calibration_steps:
+                self.finish_calibration()
         if int(self.optimizer_steps) == self.progressive_step():
             self.run_progressive_reselection()
 
@@ -598,8 +786,11 @@ class SaraNetwork(nn.Module):
         frozen_total = selected_total = 0
         for module in self.sara_modules():
             threshold = selection.fp32(self.thresholds.get(module.component, self.config.threshold))
-            current = module.base_values_fp32() + module.pinned_delta().detach().to(torch.float32)
+            base = module.base_values_fp32()
+            current = base + module.pinned_delta().detach().to(torch.float32)
             leaving = (current.abs() >= threshold) & ~module.frozen_mask()
+            if self.config.selection != "magnitude":  # entries chosen above the threshold never were below it
+                leaving &= base.abs() < threshold
             module.freeze_positions(leaving.nonzero().reshape(-1))
             frozen_total += int(module.frozen_positions.numel())
             selected_total += int(module.indices.numel())
@@ -607,6 +798,18 @@ class SaraNetwork(nn.Module):
                     f"{frozen_total:,d} of {selected_total:,d} selected entries; "
                     f"{selected_total - frozen_total:,d} keep training")
         return frozen_total
+
+
+def _broadcast_indices(modules: Sequence[SaraModule]) -> int:
+    """Give every process rank 0's indices (torch.distributed, when initialised); returns the world size."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return 1
+    for module in modules:
+        dist.broadcast(module.indices, src=0)
+        module.base_values = module._gather_base(module.indices)
+    return dist.get_world_size()
 
 
 def collect_targets(unet: Optional[nn.Module], text_encoders: Sequence[nn.Module], text_prefixes: Sequence[str],

@@ -83,6 +83,24 @@ def parse_rank_target(text: str) -> str:
     return lowered
 
 
+SELECTION_MODES = ("magnitude", "gradient", "gradient_small", "random")
+GRADIENT_MODES = ("gradient", "gradient_small")  # the modes chosen by a calibration pass
+
+
+def parse_selection(text: str) -> str:
+    lowered = str(text).strip().lower()
+    if lowered not in SELECTION_MODES:
+        raise ValueError("expected magnitude (the paper, default), gradient, gradient_small or random")
+    return lowered
+
+
+def parse_pool_factor(text: str) -> float:
+    value = parse_positive_float(text)
+    if value < 1:
+        raise ValueError("expected a number >= 1 (the pool is this many times each layer's count)")
+    return value
+
+
 def parse_positive_int(text: str) -> int:
     value = int(str(text).strip())
     if value < 1:
@@ -111,6 +129,16 @@ OPTIONS: tuple[Option, ...] = (
            "Instead of a threshold: select exactly this many parameters (e.g. 50M) with one global threshold."),
     Option("density", parse_density, None,
            "Instead of a threshold: select this fraction of the targeted weights (e.g. 0.06)."),
+    Option("selection", parse_selection, "magnitude",
+           "Which entries of each layer train; the per-layer counts always come from threshold/budget/density. "
+           "magnitude: |w| < threshold (the paper, default); gradient: the largest accumulated |gradient| over "
+           "the first calibration_steps optimizer steps; gradient_small: the largest gradient among the "
+           "pool_factor x count smallest-|w| entries; random: uniformly random (control, seeded by seed)."),
+    Option("calibration_steps", parse_positive_int, 10,
+           "gradient modes: the first N optimizer steps score gradients and train nothing (the lr schedule "
+           "still advances); must be shorter than training."),
+    Option("pool_factor", parse_pool_factor, 4.0,
+           "gradient_small: each layer's pool is the pool_factor x count smallest-|w| entries."),
     Option("preset", str, "full",
            "Target preset: full, attn-only, attn-mlp, unet-transformer-only, or a path to a preset .toml."),
     Option("include_bias", parse_bool, False, "Also train biases whose |b| < threshold."),
@@ -123,7 +151,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("progressive_iter", parse_progressive_iter, 0.5,
            "Progressive re-selection step: a step count, a fraction of max_train_steps, or 'off'."),
     Option("lr", parse_lr, None, "'auto' uses the paper's rule lr = 1e-3 * exp(-350 * threshold)."),
-    Option("seed", parse_int, 0, "Seed of the layer sampling of the nuclear-norm term (same on every rank)."),
+    Option("seed", parse_int, 0, "Seed of the layer sampling of the nuclear-norm term and of selection=random "
+           "(same on every rank)."),
 )
 
 OPTION_NAMES = tuple(option.name for option in OPTIONS)
@@ -138,6 +167,9 @@ class SaraConfig:
     te_threshold: Optional[float] = None
     budget: Optional[int] = None
     density: Optional[float] = None
+    selection: str = "magnitude"
+    calibration_steps: int = 10
+    pool_factor: float = 4.0
     preset: str = "full"
     include_bias: bool = False
     lambda_rank: float = 0.0

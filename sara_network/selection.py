@@ -5,9 +5,14 @@ fp32 and w taken as loaded (before any half-precision cast, which would flip ent
 threshold). A budget or density is turned into one global threshold by an exact radix select over
 the fp32 bit patterns, layer by layer, so it never holds more than one layer's |w| at a time
 (`torch.quantile` refuses inputs above 16M elements and sorting 860M floats needs gigabytes).
+
+The other `selection=` modes keep the rule's count per layer and choose other entries of it: at
+random, or by gradient scores streamed one layer's dense gradient at a time into a bounded
+candidate set (`accumulate_candidates`).
 """
 from __future__ import annotations
 
+import zlib
 from typing import Iterable, Sequence
 
 import torch
@@ -81,6 +86,57 @@ def suggest_threshold(weights: Sequence[torch.Tensor], fraction: float = 0.01) -
     """A threshold that would select about `fraction` of the entries (for error messages)."""
     total = sum(w.numel() for w in weights)
     return threshold_for_count(weights, max(1, int(total * fraction)))
+
+
+# --- the other selection modes: which entries of a layer, for a count fixed by the paper's rule ------
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed from the run's seed and the module name (the same in every process)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (1 << 62)
+
+
+def random_entries(numel: int, count: int, seed: int) -> torch.Tensor:
+    """Sorted int32 flat indices of `count` entries drawn uniformly without replacement."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(numel, generator=generator)[:count].sort().values.to(torch.int32)
+
+
+def smallest_entries(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted int32 flat indices of the `count` smallest |w| (fp32; ties go to the lower index)."""
+    order = torch.sort(canonical_abs(weight), stable=True).indices[:count]
+    return order.sort().values.to(torch.int32)
+
+
+def accumulate_candidates(indices: torch.Tensor, scores: torch.Tensor, grad_abs: torch.Tensor,
+                          capacity: int, fixed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backward's |G| (a layer's flattened dense |weight gradient|) added to a bounded candidate set.
+
+    The candidates' scores grow by |G| at their positions. Unless the set is `fixed` (a pool chosen
+    in advance), the `capacity` largest entries of |G| join it (a newcomer starts from this |G|
+    alone) and the set is cut back to the `capacity` best scores. A score is therefore a lower
+    bound of the entry's accumulated |G|, exact for an entry that stays a candidate from the first
+    backward on, and exact for every entry when `capacity` covers the layer.
+    """
+    scores = scores + grad_abs[indices.long()]
+    if fixed:
+        return indices, scores
+    top = torch.topk(grad_abs, min(capacity, grad_abs.numel()))
+    known = torch.zeros(grad_abs.numel(), dtype=torch.bool, device=grad_abs.device)
+    known[indices.long()] = True
+    fresh = ~known[top.indices]
+    indices = torch.cat([indices, top.indices[fresh].to(indices.dtype)])
+    scores = torch.cat([scores, top.values[fresh]])
+    if indices.numel() > capacity:
+        keep = torch.topk(scores, capacity).indices
+        indices, scores = indices[keep], scores[keep]
+    return indices, scores
+
+
+def top_scored(indices: torch.Tensor, scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted int32 flat indices of the `count` best-scored candidates (ties go to the lower index)."""
+    by_position = torch.argsort(indices.long())
+    indices, scores = indices[by_position], scores[by_position]
+    best = torch.sort(scores, descending=True, stable=True).indices[:count]
+    return indices[best].long().sort().values.to(torch.int32)
 
 
 def block_of(module_path: str) -> str:

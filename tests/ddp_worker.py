@@ -22,7 +22,10 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--network_arg", action="append", default=[], help="key=value over ARGS")
+    parser.add_argument("--save_indices", action="store_true")
     options = parser.parse_args()
+    args = dict(ARGS, **dict(item.split("=", 1) for item in options.network_arg))
 
     from accelerate import Accelerator
     from safetensors.torch import save_file
@@ -30,7 +33,7 @@ def main():
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     m = models.tiny_sd1()
-    network = make_network(m, ARGS, max_train_steps=options.steps)
+    network = make_network(m, args, max_train_steps=options.steps)
     optimizer = make_optimizer(network, options.optimizer)
     freeze_and_cast(m, network)
     network, optimizer = accelerator.prepare(network, optimizer)
@@ -57,6 +60,8 @@ def main():
     frozen = sum(module.frozen_positions.numel() for module in unwrapped.children())
     tensors = {f"{name}": value.contiguous() for name, value in delta_snapshot(unwrapped).items()}
     tensors["frozen_count"] = torch.tensor([frozen])
+    if options.save_indices:
+        tensors.update({f"{name}.indices": module.indices.contiguous() for name, module in unwrapped.named_children()})
     save_file(tensors, f"{options.out}.rank{rank}.safetensors")
     accelerator.wait_for_everyone()
 

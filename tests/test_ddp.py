@@ -10,15 +10,16 @@ from safetensors.torch import load_file
 HERE = os.path.dirname(__file__)
 
 
-def run(out, optimizer, processes):
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+def run(out, optimizer, processes, extra=()):
+    # the checkout under test first, not whichever sara_network is installed
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
     if processes == 1:
         command = [sys.executable, os.path.join(HERE, "ddp_worker.py")]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", "29533", os.path.join(HERE, "ddp_worker.py")]
-    result = subprocess.run(command + ["--out", out, "--optimizer", optimizer], env=environment,
+    result = subprocess.run(command + ["--out", out, "--optimizer", optimizer, *extra], env=environment,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
