@@ -547,19 +547,21 @@ def load_diffusers_folder(path: str, version: Optional[str] = None) -> BaseModel
     import transformers
     from diffusers import UNet2DConditionModel
 
+    from .compat import dtype_kwargs
     from .naming import UNET_PREFIX, kohya_name, text_encoder_prefixes
     from .network import Target, all_targets
 
     if not os.path.isdir(os.path.join(path, "unet")):
         raise SaraFileError(f"{path}: not a diffusers model folder (no unet/ subfolder)")
     models = {"unet": UNet2DConditionModel.from_pretrained(
-        path, subfolder="unet", torch_dtype=_stored_dtype(os.path.join(path, "unet")))}
+        path, subfolder="unet", **dtype_kwargs("diffusers", _stored_dtype(os.path.join(path, "unet"))))}
     for sub in ("text_encoder", "text_encoder_2"):
         folder = os.path.join(path, sub)
         if os.path.isdir(folder):
             with open(os.path.join(folder, "config.json")) as stream:
                 architecture = json.load(stream)["architectures"][0]
-            models[sub] = getattr(transformers, architecture).from_pretrained(folder, dtype=_stored_dtype(folder))
+            models[sub] = getattr(transformers, architecture).from_pretrained(
+                folder, **dtype_kwargs("transformers", _stored_dtype(folder)))
     encoders = [models[s] for s in ("text_encoder", "text_encoder_2") if s in models]
     sdxl = "text_encoder_2" in models
     if version is None:

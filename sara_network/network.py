@@ -31,6 +31,10 @@ from .regularizers import rank_penalty_grad
 
 logger = logging.getLogger("sara_network")
 
+# lr=auto gives at most 1e-3 (threshold 0); below this (a threshold above ~0.013) it is a mistake,
+# e.g. threshold 0.04 gives 8e-10.
+MIN_SANE_AUTO_LR = 1e-5
+
 
 class SaraSelectionError(ValueError):
     """The selection settings select nothing, or cannot be applied to this model."""
@@ -579,24 +583,33 @@ class SaraNetwork(nn.Module):
         return sum(p.numel() for p in self.trainable_parameters(component))
 
     def log_selection(self) -> str:
-        """Log (and return) selected counts per block and in total, and the trainable fraction."""
+        """Log (and return) the trainable entries, weights and biases, per block and in total, and their
+        share of the targeted entries (a layer's bias counts as targeted where biases are trained)."""
         blocks: dict[str, list[int]] = OrderedDict()
+        bias_chosen = bias_total = 0
         for module in self.sara_modules():
-            key = f"{module.component}:{selection.block_of(module.path)}"
-            counts = blocks.setdefault(key, [0, 0])
-            counts[0] += module.indices.numel()
-            counts[1] += math.prod(module.weight_shape)
+            counts = blocks.setdefault(f"{module.component}:{selection.block_of(module.path)}", [0, 0])
+            biases = 0 if module.bias_delta is None else module.bias_delta.numel()
+            bias_targeted = module.bias_delta is not None or (self.config.include_bias and module.base.bias is not None)
+            bias_size = module.weight_shape[0] if bias_targeted else 0
+            counts[0] += module.indices.numel() + biases
+            counts[1] += math.prod(module.weight_shape) + bias_size
+            bias_chosen += biases
+            bias_total += bias_size
         lines = [f"  {block:<40} {chosen:>12,d} / {total:>13,d} ({chosen / total:.2%})"
                  for block, (chosen, total) in blocks.items()]
         chosen = sum(c for c, _ in blocks.values())
         total = sum(t for _, t in blocks.values())
+        of_them = f" ({bias_chosen:,d} of them biases)" if bias_total else ""
+        targeted = "weights and biases" if bias_total else "weights"
         thresholds = ", ".join(f"{k}: {v:.4g}" for k, v in self.thresholds.items())
         mode = "" if self.config.selection == "magnitude" else f"; selection={self.config.selection}" + (
             f", entries re-chosen after {self.config.calibration_steps} calibration steps"
             if self.calibration_pending() else "")
         report = "\n".join([f"SaRA selection ({len(self.sara_modules())} modules; thresholds {thresholds or 'from file'}{mode}):",
                             *lines,
-                            f"  total: {chosen:,d} trainable of {total:,d} targeted weights ({chosen / max(total, 1):.3%})"])
+                            f"  total: {chosen:,d} trainable{of_them} of {total:,d} targeted {targeted} "
+                            f"({chosen / max(total, 1):.3%})"])
         logger.info(report)
         return report
 
@@ -637,7 +650,14 @@ class SaraNetwork(nn.Module):
     def component_lr(self, component: str, given: Optional[float]) -> Optional[float]:
         """The learning rate of a component: the `lr` option ('auto' or a number) over the host's."""
         if self.config.lr == "auto":
-            return auto_lr(self.thresholds.get(component, self.config.threshold))
+            threshold = self.thresholds.get(component, self.config.threshold)
+            lr = auto_lr(threshold)
+            logger.info(f"SaRA lr=auto for {component}: {lr:.3g} (threshold {threshold:.4g})")
+            if lr < MIN_SANE_AUTO_LR:
+                logger.warning(f"SaRA lr=auto for {component}: threshold {threshold:.4g} gives lr {lr:.3g}, "
+                               f"below {MIN_SANE_AUTO_LR:g} (1e-3*exp(-350*threshold)): these weights will hardly "
+                               f"move; give lr=<number> or select with a smaller threshold")
+            return lr
         if isinstance(self.config.lr, float):
             return self.config.lr
         return given

@@ -95,6 +95,12 @@ def test_to_lora_and_back(files, tmp_path, capsys):
     assert run("from-lora", lora, native, "--base", files / "base.safetensors", "--density", "0.05") == 0
     deltas, meta = fileformat.load_native(str(native))
     assert json.loads(meta["sara_projection"])["rel_error"] > 0 and meta["sara_base_hash"]
+    from_folder = tmp_path / "start_folder.safetensors"  # the same base as a diffusers folder
+    assert run("from-lora", lora, from_folder, "--base", files / "base_folder", "--density", "0.05") == 0
+    folder_deltas = {d.name: d for d in fileformat.load_native(str(from_folder))[0]}
+    assert sorted(folder_deltas) == sorted(d.name for d in deltas)
+    for d in deltas:
+        assert torch.equal(d.dense(), folder_deltas[d.name].dense()), d.name
     assert run("from-lora", lora, tmp_path / "top.safetensors", "--topk-budget", "2k") == 0
     assert sum(d.indices.numel() for d in fileformat.load_native(str(tmp_path / "top.safetensors"))[0]) == 2000
 

@@ -15,7 +15,7 @@ import models
 import sara_network
 from sara_network import hf
 from sara_network.fileformat import SaraFileError, load_native, read_tensors
-from sara_network.options import OPTIONS, SaraConfig, SaraOptionError
+from sara_network.options import OPTIONS, SaraConfig, SaraOptionError, auto_lr
 
 TOKENS = 16  # the tiny text encoder's max_position_embeddings
 
@@ -103,6 +103,20 @@ def pipe(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
+def test_param_groups_log_auto_lr_and_warn_when_tiny(pipe, caplog):
+    unet, te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    network = hf.apply_sara(unet, [te], threshold=0.04, te_threshold=1e-3, lr="auto", progressive_iter="off")
+    with caplog.at_level("INFO", logger="sara_network"):
+        groups = network.param_groups(1e-4)
+    tiny, sane = auto_lr(0.04), auto_lr(1e-3)
+    assert [(g["component"], g["lr"]) for g in groups] == [("unet", pytest.approx(tiny)), ("lora_te", pytest.approx(sane))]
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records if "lr=auto" in r.getMessage()]
+    assert ("INFO", f"SaRA lr=auto for lora_te: {sane:.3g} (threshold 0.001)") in messages
+    assert ("INFO", f"SaRA lr=auto for unet: {tiny:.3g} (threshold 0.04)") in messages
+    warnings = [m for level, m in messages if level == "WARNING"]
+    assert len(warnings) == 1 and "for unet: threshold 0.04 gives lr 8.32e-10" in warnings[0]
+
+
 def test_apply_sara_config_forms_groups_and_training(pipe):
     unet, te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
     from_kwargs = hf.apply_sara(copy.deepcopy(unet), [te], density=0.05, progressive_iter="off", lr="auto")

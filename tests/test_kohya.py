@@ -12,7 +12,7 @@ import sara_network
 from kohya_driver import delta_snapshot, freeze_and_cast, make_network, make_optimizer, train_steps
 from sara_network.fileformat import SaraFileError, load_native, read_tensors
 from sara_network.network import SaraSelectionError
-from sara_network.options import SaraOptionError
+from sara_network.options import SaraOptionError, auto_lr
 
 KINDS = {"sd1": models.tiny_sd1, "sdxl": models.tiny_sdxl}
 ARGS = {"density": "0.05", "progressive_iter": "off"}
@@ -49,6 +49,41 @@ def test_training_lowers_the_loss(kind, optimizer_kind):
     else:
         assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k" in names
         assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in names
+
+
+@pytest.mark.parametrize("threshold,warns", [("1e-3", False), ("0.04", True)])
+def test_auto_lr_is_logged_per_component_and_warned_when_tiny(caplog, threshold, warns):
+    network = make_network(models.tiny_sdxl(), {"threshold": threshold, "lr": "auto", "progressive_iter": "off"})
+    with caplog.at_level("INFO", logger="sara_network"):
+        groups, _ = network.prepare_optimizer_params_with_multiple_te_lrs([1e-4, 2e-4], 3e-4, 1e-3)
+    lr = auto_lr(float(threshold))
+    assert [g["lr"] for g in groups] == [pytest.approx(lr)] * 3
+    for component in ("unet", "lora_te1", "lora_te2"):
+        logged = [r for r in caplog.records if f"lr=auto for {component}:" in r.getMessage()]
+        assert any(r.levelname == "INFO" and f"{lr:.3g}" in r.getMessage() for r in logged)
+        warnings = [r for r in logged if r.levelname == "WARNING"]
+        assert len(warnings) == warns
+        if warns:
+            assert f"threshold {float(threshold):.4g}" in warnings[0].getMessage()
+            assert f"lr {lr:.3g}" in warnings[0].getMessage()
+
+
+def test_start_up_count_includes_biases(caplog):
+    m = models.tiny_sd1()
+    with caplog.at_level("INFO", logger="sara_network"):
+        network = make_network(m, {"threshold": "0.02", "include_bias": "true", "progressive_iter": "off"})
+    report = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("SaRA selection"))
+    bias_params = [s.bias_delta for s in network.sara_modules() if s.bias_delta is not None]
+    biases = sum(p.numel() for p in bias_params)
+    trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    targeted = sum(s.base.weight.numel() + (0 if s.base.bias is None else s.base.bias.numel())
+                   for s in network.sara_modules())
+    assert 0 < biases < trainable
+    assert f"total: {trainable:,d} trainable ({biases:,d} of them biases) of {targeted:,d} targeted weights and biases" \
+        in report
+    unet_rows = [line.split() for line in report.splitlines() if line.strip().startswith("unet:")]
+    te_rows = [line.split() for line in report.splitlines() if line.strip().startswith("lora_te:")]
+    assert sum(int(row[1].replace(",", "")) for row in unet_rows + te_rows) == trainable
 
 
 def test_optimizer_param_forms_and_learning_rates():

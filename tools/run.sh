@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates .venv (CPU torch, never a CUDA build), installs
-# sara-network with every extra, then runs what you ask:
+# sara-network with every extra, then runs what you ask. SARA_VENV names another venv folder;
+# SARA_CONSTRAINTS a pip constraints file for its install (.ci/kohya-pins.txt: kohya's versions).
 #   bash tools/run.sh demo [args]   the main job: SaRA fine-tune of the embedded digits model
 #   bash tools/run.sh tests [args]  the test suite
 #   bash tools/run.sh sara  [args]  the `sara` command line
@@ -11,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import sara_network, 
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q torch==2.13.0           # the CPU wheel; install torch first so nothing pulls CUDA
-  "$VENV/bin/pip" install -q -e ".[all,test]"
+  "$VENV/bin/pip" install -q ${SARA_CONSTRAINTS:+-c "$SARA_CONSTRAINTS"} -e ".[all,test]"
 fi
 what=${1:-tests}; shift || true
 case "$what" in

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from sara_network.compat import dtype_kwargs
 from sara_network.hf import (add_sara_args, all_reduce_gradients, apply_sara, load_sara, register_accelerate_hooks,
                              sara_config_from_args)
 from sara_network.options import SaraOptionError
@@ -270,22 +271,13 @@ def load_models(args) -> Models:
     )
 
 
-def dtype_kwargs(dtype: torch.dtype) -> dict:
-    """`dtype=` for diffusers that renamed `torch_dtype`, `torch_dtype=` for older ones."""
-    try:
-        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
-
-
 def base_pipeline(args, weight_dtype: torch.dtype, device, **components):
     """A pipeline of the model folder (components given as keywords replace the folder's)."""
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, safety_checker=None,
-        requires_safety_checker=False, **components, **dtype_kwargs(weight_dtype))
+        requires_safety_checker=False, **components, **dtype_kwargs("diffusers", weight_dtype))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
