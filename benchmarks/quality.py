@@ -11,6 +11,11 @@ held-out new-class loss (154 images of 8/9, 4 draws: learning), old-class loss o
     python benchmarks/quality.py                            # all methods, seeds 0 1, default lrs
     python benchmarks/quality.py --sweep --seeds 0          # 3 lrs per method, one seed
     python benchmarks/quality.py --smoke --out /tmp/x       # random-init model, a few steps
+    python benchmarks/quality.py --task style --methods sara,sara_grad,lora --steps 1000 --seeds 0,1,2 --sweep
+
+`--task style` is the second task kind: the demo's bold style over digits 0-7, learning measured on
+held-out bold digits, forgetting on the same digits in the original style. SaRA sweeps include the
+paper's lr rule (`auto`); `sara_grad`, `sara_gsmall`, `sara_random` are the selection modes.
 """
 from __future__ import annotations
 
@@ -26,19 +31,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
-DEFAULT_LR = {"sara": 2e-3, "sara_plain": 2e-3, "lora": 2e-3, "locon": 2e-3, "lokr": 2e-3, "full": 3e-4,
-              "emb": 2e-3}
-SWEEP = {"sara": (1e-3, 2e-3, 4e-3), "sara_plain": (1e-3, 2e-3, 4e-3), "lora": (1e-3, 2e-3, 4e-3),
-         "locon": (1e-3, 2e-3, 4e-3), "lokr": (1e-3, 2e-3, 4e-3), "full": (1e-4, 3e-4, 1e-3), "emb": (2e-3,)}
+# SaRA variants: the network args each one runs with (5% density everywhere; the selection modes
+# differ only in which entries of each layer are trained, see docs/kohya.md "Selection modes").
+SARA_VARIANTS = {
+    "sara": dict(lambda_rank=5e-3, rank_min_dim=32, progressive_iter=0.5),
+    "sara_plain": dict(lambda_rank=0.0, progressive_iter=None),
+    "sara_grad": dict(selection="gradient", lambda_rank=0.0, progressive_iter=None),
+    "sara_gsmall": dict(selection="gradient_small", lambda_rank=0.0, progressive_iter=None),
+    "sara_random": dict(selection="random", lambda_rank=0.0, progressive_iter=None),
+}
+CALIBRATION_BATCHES = 10  # gradient modes: training batches scored before training (own noise draws)
+SARA_LRS = (1e-3, 2e-3, 4e-3)
+DEFAULT_LR = {"sara": 2e-3, "sara_plain": 2e-3, "sara_grad": 2e-3, "sara_gsmall": 2e-3, "sara_random": 2e-3,
+              "lora": 2e-3, "locon": 2e-3, "lokr": 2e-3, "full": 3e-4, "emb": 2e-3}
+# Every SaRA sweep includes the paper's rule lr = 1e-3 * exp(-350 * threshold) ("auto").
+SWEEP = {**{name: ("auto",) + SARA_LRS for name in SARA_VARIANTS}, "lora": SARA_LRS,
+         "locon": SARA_LRS, "lokr": SARA_LRS, "full": (1e-4, 3e-4, 1e-3), "emb": (2e-3,)}
 DESCRIPTION = {
     "sara": "SaRA, 5% density (|w| < global threshold), lambda_rank 5e-3 (rank_min_dim 32), progressive step at 50%",
     "sara_plain": "SaRA, 5% density, no rank term, no progressive step",
+    "sara_grad": "SaRA selection=gradient (per-layer counts of the 5% magnitude rule, entries by accumulated |grad| "
+                 f"over {CALIBRATION_BATCHES} training batches), no rank term, no progressive step",
+    "sara_gsmall": "SaRA selection=gradient_small (largest |grad| among the 4x-budget smallest |w| of each layer), "
+                   "no rank term, no progressive step",
+    "sara_random": "SaRA selection=random (same per-layer counts, uniform positions; control)",
     "lora": "PEFT LoRA (inject_adapter_in_model) on all 65 Linear/Conv2d, rank matched, alpha = rank",
     "locon": "LyCORIS LoCon on all Linear/Conv2d, same rank as LoRA, alpha = rank",
     "lokr": "LyCORIS LoKr (full-matrix, factor with the count nearest the budget) on all Linear/Conv2d",
     "full": "full fine-tuning of every parameter",
     "emb": "class-embedding rows 8/9 only (floor)",
 }
+TASKS = {"new_classes": "Quality: fine-tuning the digits base on new classes 8/9",
+         "style": "Quality: fine-tuning the digits base to a new style (bold digits 0-7)"}
 EMB_LR = 2e-3
 NOISE_NEW, NOISE_OLD = 0.0005, 0.002  # the probe's seed noise on the new- / old-class loss
 METHODS = ("sara", "sara_plain", "lora", "locon", "full")
@@ -56,10 +80,8 @@ def setup(unet, method: str, steps: int) -> tuple[list, dict, object]:
     names = [t.path for t in targets]
     rank = max(1, round(budget / common.per_rank_count(unet, names)))
     info = {"budget": budget}
-    if method in ("sara", "sara_plain"):
-        config = SaraConfig(density=0.05, lambda_rank=5e-3, rank_min_dim=32, progressive_iter=0.5) if method == "sara" \
-            else SaraConfig(density=0.05, lambda_rank=0.0, progressive_iter=None)
-        network = SaraNetwork(config)
+    if method in SARA_VARIANTS:
+        network = SaraNetwork(SaraConfig(density=0.05, **SARA_VARIANTS[method]))
         network.select(targets)
         network.total_steps = steps
         network.patch()
@@ -97,33 +119,47 @@ def run_one(method: str, lr: float, seed: int, args, splits, base_state, base_me
     unet.load_state_dict(base_state)
     unet.eval()
     params, info, keep = setup(unet, method, args.steps)
-    embedding = unet.class_embedding.weight
-    embedding.requires_grad_(True)
-    row_mask = torch.zeros(embedding.shape[0], 1)
-    row_mask[list(args.new_classes)] = 1.0
-    embedding.register_hook(lambda grad: grad * row_mask)
-    groups = [{"params": [embedding], "lr": EMB_LR}]
-    if params:
-        groups.append({"params": params, "lr": lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    warmup = min(20, max(1, args.steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     scheduler = model.build_scheduler()
-    generator = torch.Generator().manual_seed(seed)
-    images, labels = splits.new_train.images, splits.new_train.labels
-    trainable = sum(p.numel() for p in params) + 2 * embedding.shape[1]
-    clip_params = [embedding] + list(params)
-    started = time.time()
-    unet.train()
-    losses = []
-    for _ in range(args.steps):
+    images, labels = args.train_images, args.train_labels
+
+    def batch_loss(generator):
         pick = torch.randint(0, len(images), (args.batch,), generator=generator)
         x0, y = images[pick], labels[pick]
         noise = torch.randn(x0.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
-        pred = unet(scheduler.add_noise(x0, noise, timesteps), timesteps, class_labels=y).sample
-        loss = F.mse_loss(pred, noise)
+        return F.mse_loss(unet(scheduler.add_noise(x0, noise, timesteps), timesteps, class_labels=y).sample, noise)
+
+    if keep is not None and getattr(keep, "calibration_pending", lambda: False)():
+        calibration_generator = torch.Generator().manual_seed(10_000 + seed)  # not the training draws
+        unet.train()
+        keep.calibrate(lambda step: batch_loss(calibration_generator), CALIBRATION_BATCHES)
+    if lr == "auto":
+        from sara_network.options import auto_lr
+
+        info["lr_value"] = auto_lr(info["threshold"])
+    lr_value = info.get("lr_value", lr)
+    embedding = unet.class_embedding.weight
+    groups = []
+    if args.train_rows:  # new classes: their class-embedding rows train too, the others stay frozen
+        embedding.requires_grad_(True)
+        row_mask = torch.zeros(embedding.shape[0], 1)
+        row_mask[list(args.train_rows)] = 1.0
+        embedding.register_hook(lambda grad: grad * row_mask)
+        groups.append({"params": [embedding], "lr": EMB_LR})
+    if params:
+        groups.append({"params": params, "lr": lr_value})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    warmup = min(20, max(1, args.steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    generator = torch.Generator().manual_seed(seed)
+    trainable = sum(p.numel() for p in params) + len(args.train_rows) * embedding.shape[1]
+    clip_params = [p for group in groups for p in group["params"]]
+    started = time.time()
+    unet.train()
+    losses = []
+    for _ in range(args.steps):
+        loss = batch_loss(generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
         optimizer.step()
@@ -134,14 +170,17 @@ def run_one(method: str, lr: float, seed: int, args, splits, base_state, base_me
     unet.eval()
     new_loss = model.denoising_loss(unet, args.new_eval_images, args.new_eval_labels, seed=0, draws=args.new_draws)
     old_loss = model.denoising_loss(unet, args.old_eval_images, args.old_eval_labels, seed=0, draws=args.old_draws)
-    sample_labels = [c for c in args.new_classes for _ in range(args.samples)]
+    sample_labels = [c for c in args.sample_classes for _ in range(args.samples)]
     samples = model.sample(unet, sample_labels, seed=123, steps=args.sample_steps)
     accuracy = float((classifier.classify(samples) == torch.tensor(sample_labels).numpy()).mean())
+    untouched = [row for row in range(embedding.shape[0]) if row not in args.train_rows]
     with torch.no_grad():
-        old_rows_unchanged = bool(torch.equal(embedding[: min(args.new_classes)].detach(),
-                                              base_state["class_embedding.weight"][: min(args.new_classes)]))
+        old_rows_unchanged = bool(torch.equal(embedding[untouched].detach(), base_state["class_embedding.weight"][untouched]))
+    if hasattr(keep, "sara_modules"):  # the share of the selected entries frozen by the progressive step
+        frozen = sum(m.frozen_positions.numel() for m in keep.sara_modules())
+        info["frozen_share"] = frozen / max(1, keep.selected_count())
     del keep
-    return dict(method=method, lr=lr, seed=seed, steps=args.steps, batch=args.batch, trainable=trainable,
+    return dict(method=method, lr=lr, seed=seed, steps=args.steps, batch=args.batch, trainable=trainable, task=args.task,
                 info={k: v for k, v in info.items() if v is not None}, new_loss=new_loss, old_loss=old_loss,
                 old_before=base_metrics["old"], new_before=base_metrics["new"], forgetting=old_loss - base_metrics["old"],
                 sample_acc=accuracy, train_s=train_s, final_train_loss=statistics.mean(losses[-20:]),
@@ -149,10 +188,18 @@ def run_one(method: str, lr: float, seed: int, args, splits, base_state, base_me
                                                                 for img in samples])
 
 
+def lr_text(lr) -> str:
+    return lr if isinstance(lr, str) else f"{lr:g}"
+
+
+def lr_order(lr) -> float:
+    return -1.0 if isinstance(lr, str) else lr
+
+
 def summarise(records: list[dict]) -> dict:
     groups: dict = {}
     for r in records:
-        groups.setdefault((r["method"], r["lr"], r["steps"]), []).append(r)
+        groups.setdefault((r["method"], r["lr"], r["steps"]), []).append(r)  # records of one task only
     out = {}
     for key, rs in groups.items():
         def stats(field):
@@ -174,24 +221,31 @@ def _label(s: dict) -> str:
 
 def build_markdown(records: list[dict], args, smoke: bool) -> tuple[str, dict]:
     summary = summarise(records)
-    lines = [common.header("Quality: fine-tuning the digits base on new classes 8/9", common.command_line(), smoke)]
+    lines = [common.header(TASKS[args.task], common.command_line(), smoke)]
     any_s = next(iter(summary.values()))
-    lines += [f"Base model: {args.base_note}. Before fine-tuning: new-class loss {any_s['new_before']:.4f}, "
-              f"old-class loss {any_s['old_before']:.4f}. Batch {args.batch}; steps as listed (the probe used 300; "
-              "shortened to fit the time box). Every method also trains class-embedding rows 8/9 (256 params, "
-              f"lr {EMB_LR}). Sample accuracy: SVC on {2 * args.samples} DDIM-{args.sample_steps} samples "
-              f"(seed 123), a sanity check only (too few samples to rank methods).", "",
+    task_note = ("Every method also trains class-embedding rows 8/9 (256 params, "
+                 f"lr {EMB_LR})." if args.task == "new_classes" else
+                 "Learning: the loss on held-out digits 0-7 in the bold style; forgetting: the loss on the same "
+                 "digits in the original thin style. No class-embedding row is trained.")
+    lines += [f"Base model: {args.base_note}. Before fine-tuning: learning-set loss {any_s['new_before']:.4f}, "
+              f"forgetting-set loss {any_s['old_before']:.4f}. Batch {args.batch}; steps as listed. {task_note} "
+              f"Sample accuracy: SVC on {len(args.sample_classes) * args.samples} DDIM-{args.sample_steps} samples "
+              f"(seed 123), a sanity check only (too few samples to rank methods). 'frozen at the end': the share "
+              "of the selected entries the progressive step froze (the paper reports 80-85%).", "",
               "Methods:", ""]
     lines += [f"- **{m}**: {DESCRIPTION[m]}" for m in dict.fromkeys(s["method"] for s in summary.values())]
     lines.append("")
-    columns = ["method", "lr", "trainable", "steps", "seeds", "new-class loss ↓ (mean)", "new spread",
-               "old-class loss after", "forgetting Δold ↓ (mean)", "forgetting spread", "sample acc",
+    columns = ["method", "lr", "frozen at the end", "trainable", "steps", "seeds", "learning-set loss ↓ (mean)", "new spread",
+               "forgetting-set loss after", "forgetting Δold ↓ (mean)", "forgetting spread", "sample acc",
                "train s/run"]
     rows = []
-    order = {m: i for i, m in enumerate(("sara", "sara_plain", "lora", "locon", "lokr", "full", "emb"))}
-    for key in sorted(summary, key=lambda k: (order.get(k[0], 9), k[1])):
+    order = {m: i for i, m in enumerate((*SARA_VARIANTS, "lora", "locon", "lokr", "full", "emb"))}
+    for key in sorted(summary, key=lambda k: (order.get(k[0], 9), lr_order(k[1]))):
         s = summary[key]
-        rows.append([_label(s), f"{s['lr']:g}", f"{s['trainable']:,d}", s["steps"], ",".join(map(str, s["seeds"])),
+        lr_shown = lr_text(s["lr"]) + (f" = {s['info']['lr_value']:.3g}" if "lr_value" in s["info"] else "")
+        frozen = s["info"].get("frozen_share")
+        rows.append([_label(s), lr_shown, "—" if frozen is None else f"{frozen:.0%}", f"{s['trainable']:,d}",
+                     s["steps"], ",".join(map(str, s["seeds"])),
                      f"{s['new'][0]:.5f}", f"{s['new'][1]:.5f}", f"{s['old'][0]:.5f}", f"{s['forgetting'][0]:+.5f}",
                      f"{s['forgetting'][1]:.5f}", f"{s['acc'][0]:.2f}", f"{s['train_s']:.0f}"])
     lines += ["## Results", "", common.markdown_table(columns, rows), "",
@@ -199,16 +253,16 @@ def build_markdown(records: list[dict], args, smoke: bool) -> tuple[str, dict]:
               "noise of about 0.0005 on the new-class loss and 0.002 on the old-class loss.", ""]
     # Learning and forgetting trade off through the lr, so no single lr per method is "its best":
     # a point is beaten only by a point that is lower on both (by more than the noise).
-    points = [summary[key] for key in sorted(summary, key=lambda k: (order.get(k[0], 9), k[1]))]
+    points = [summary[key] for key in sorted(summary, key=lambda k: (order.get(k[0], 9), lr_order(k[1])))]
     front = []
     for s in points:
-        winners = [f"{_label(o)} lr {o['lr']:g}" for o in points if o["method"] != s["method"] and
+        winners = [f"{_label(o)} lr {lr_text(o['lr'])}" for o in points if o["method"] != s["method"] and
                    s["new"][0] - o["new"][0] > max(s["new"][1], o["new"][1], NOISE_NEW) and
                    s["forgetting"][0] - o["forgetting"][0] > max(s["forgetting"][1], o["forgetting"][1], NOISE_OLD)]
-        front.append([f"{_label(s)} lr {s['lr']:g}", f"{s['new'][0]:.5f}", f"{s['forgetting'][0]:+.5f}",
+        front.append([f"{_label(s)} lr {lr_text(s['lr'])}", f"{s['new'][0]:.5f}", f"{s['forgetting'][0]:+.5f}",
                       "; ".join(winners) or "not beaten"])
     lines += ["## Learning vs forgetting: which points are beaten on both", "",
-              common.markdown_table(["point", "new-class loss", "forgetting", "beaten on both by"], front), "",
+              common.markdown_table(["point", "learning-set loss", "forgetting", "beaten on both by"], front), "",
               f"A point is beaten by another method's point that has both a lower new-class loss and a lower "
               f"forgetting, each by more than the larger seed spread of the two and at least the probe's noise "
               f"floor ({NOISE_NEW} new / {NOISE_OLD} old). 'not beaten': no other method is lower on both.", ""]
@@ -218,6 +272,7 @@ def build_markdown(records: list[dict], args, smoke: bool) -> tuple[str, dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--task", choices=tuple(TASKS), default="new_classes")
     parser.add_argument("--out", default=str(common.DEFAULT_OUT))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1")
@@ -240,15 +295,23 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.new_classes = data.NEW_CLASSES
     methods = [m for m in args.methods.split(",") if m]  # --methods "": rebuild tables, plot, grid from the JSON
     lrs = dict(DEFAULT_LR)
     for item in filter(None, args.lr.split(",")):
         name, value = item.split("=")
-        lrs[name] = float(value)
+        lrs[name] = value if value == "auto" else float(value)
     splits = data.splits()
     args.new_draws, args.old_draws = 4, 8
-    args.new_eval_images, args.new_eval_labels = splits.new_eval.images, splits.new_eval.labels
+    if args.task == "new_classes":
+        args.train_images, args.train_labels = splits.new_train.images, splits.new_train.labels
+        args.train_rows = args.sample_classes = data.NEW_CLASSES
+        args.new_eval_images, args.new_eval_labels = splits.new_eval.images, splits.new_eval.labels
+    else:  # the demo's bold style over the whole distribution
+        from sara_network.demo.finetune import embolden
+
+        args.train_images, args.train_labels = embolden(splits.pretrain.images), splits.pretrain.labels
+        args.train_rows, args.sample_classes = (), data.OLD_CLASSES
+        args.new_eval_images, args.new_eval_labels = embolden(splits.old_eval.images), splits.old_eval.labels
     args.old_eval_images, args.old_eval_labels = splits.old_eval.images, splits.old_eval.labels
     if args.smoke:
         torch.manual_seed(0)
@@ -256,8 +319,8 @@ def main(argv=None) -> int:
         args.steps, args.batch, args.samples, args.sample_steps = 2, 8, 1, 2
         args.seeds = args.seeds[:1]
         args.new_draws, args.old_draws = 1, 1
-        args.new_eval_images, args.new_eval_labels = splits.new_eval.images[:16], splits.new_eval.labels[:16]
-        args.old_eval_images, args.old_eval_labels = splits.old_eval.images[:16], splits.old_eval.labels[:16]
+        args.new_eval_images, args.new_eval_labels = args.new_eval_images[:16], args.new_eval_labels[:16]
+        args.old_eval_images, args.old_eval_labels = args.old_eval_images[:16], args.old_eval_labels[:16]
         args.base_note = "random-init demo U-Net (smoke)"
     else:
         base = model.load_base()
@@ -267,10 +330,10 @@ def main(argv=None) -> int:
                                                 draws=args.new_draws),
                     "old": model.denoising_loss(base, args.old_eval_images, args.old_eval_labels, seed=0,
                                                 draws=args.old_draws)}
-    base_samples = model.sample(base, [c for c in args.new_classes for _ in range(args.samples)], seed=123,
+    base_samples = model.sample(base, [c for c in args.sample_classes for _ in range(args.samples)], seed=123,
                                 steps=args.sample_steps)
     out = Path(args.out)
-    stem = args.stem or ("quality_sweep" if args.sweep else "quality")
+    stem = args.stem or ("quality_sweep" if args.sweep else "quality") + ("" if args.task == "new_classes" else "_style")
     json_path = out / f"{stem}.json"
     records = []
     if json_path.exists() and not args.fresh and not args.smoke:
@@ -282,7 +345,7 @@ def main(argv=None) -> int:
         record = run_one(method, lr, seed, args, splits, base_state, base_metrics)
         records = [r for r in records if (r["method"], r["lr"], r["seed"], r["steps"]) != (method, lr, seed, args.steps)]
         records.append(record)
-        print(f"[{time.strftime('%H:%M:%S')}] {method} lr={lr:g} seed={seed}: new {record['new_loss']:.5f} "
+        print(f"[{time.strftime('%H:%M:%S')}] {method} lr={lr_text(lr)} seed={seed}: new {record['new_loss']:.5f} "
               f"old {record['old_loss']:.5f} (Δ{record['forgetting']:+.5f}) acc {record['sample_acc']:.2f} "
               f"trainable {record['trainable']:,d} ({time.time() - t0:.0f}s)", flush=True)
         markdown, _ = build_markdown(records, args, args.smoke)
@@ -295,11 +358,11 @@ def main(argv=None) -> int:
             chosen.setdefault((r["method"], r["lr"]), r)
     side = base_samples.shape[-1]
     rows = [base_samples] + [torch.tensor(r["samples"]).view(-1, 1, side, side) for r in chosen.values()]
-    labels = ["base"] + [f"{r['method']} lr {r['lr']:g} seed {r['seed']}" for r in chosen.values()]
+    labels = ["base"] + [f"{r['method']} lr {lr_text(r['lr'])} seed {r['seed']}" for r in chosen.values()]
     grid_path = out / f"{stem}_samples.png"
     model.save_grid_png(rows, grid_path, labels=[str(i) for i in range(len(rows))])
-    markdown += (f"\nSample grid `{grid_path.name}`: one row per method, {args.samples} samples of 8 then "
-                 f"{args.samples} of 9, the same noise (seed 123) in every row; rows: "
+    markdown += (f"\nSample grid `{grid_path.name}`: one row per method, {args.samples} samples of each class in "
+                 f"{', '.join(map(str, args.sample_classes))}, the same noise (seed 123) in every row; rows: "
                  + ", ".join(f"{i} = {l}" for i, l in enumerate(labels)) + ".\n")
     common.write_results(out, stem, markdown, {"records": records, "base": base_metrics})
     try:
@@ -311,7 +374,7 @@ def main(argv=None) -> int:
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for s in summary.values():
             ax.errorbar(s["new"][0], s["forgetting"][0], xerr=s["new"][1] / 2, yerr=s["forgetting"][1] / 2, fmt="o",
-                        capsize=3, label=f"{_label(s)} lr {s['lr']:g}")
+                        capsize=3, label=f"{_label(s)} lr {lr_text(s['lr'])}")
         ax.set_xlabel("held-out new-class loss (lower = learned more)")
         ax.set_ylabel("forgetting: Δ old-class loss (lower = better)")
         ax.legend(fontsize=7)
