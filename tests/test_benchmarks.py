@@ -20,11 +20,11 @@ SMOKE_SECONDS = {"memory_speed.py": 240, "quality.py": 360, "premise.py": 180}
 PYTEST_SLACK = 60  # the test's own limit on top: interpreter start, parsing the tables
 
 
-def run_smoke(script: str, out: Path) -> Path:
+def run_smoke(script: str, out: Path, *extra: str) -> Path:
     """Run one benchmark script in smoke mode into `out`; its stderr tail on failure or time-out."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out)],
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out), *extra],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_SECONDS[script])
     except subprocess.TimeoutExpired as expired:
         stderr = expired.stderr.decode(errors="replace") if isinstance(expired.stderr, bytes) else expired.stderr
@@ -81,12 +81,12 @@ def test_quality_tables(tmp_path):
     text = (smoke_out / "quality.md").read_text()
     found = tables(text)
     columns, rows = found["Results"]
-    for column in ("method", "lr", "trainable", "seeds", "new-class loss ↓ (mean)", "forgetting Δold ↓ (mean)",
+    for column in ("method", "lr", "trainable", "seeds", "learning-set loss ↓ (mean)", "forgetting Δold ↓ (mean)",
                    "sample acc"):
         assert column in columns
     assert [row[0].split()[0] for row in rows] == ["sara", "sara_plain", "lora", "locon", "full"]
     for row in rows:
-        float(row[columns.index("new-class loss ↓ (mean)")])
+        float(row[columns.index("learning-set loss ↓ (mean)")])
         float(row[columns.index("forgetting Δold ↓ (mean)")])
     front_columns, front = next(v for k, v in found.items() if k.startswith("Learning vs forgetting"))
     assert len(front) == len(rows)
@@ -98,6 +98,19 @@ def test_quality_tables(tmp_path):
     assert all(r["old_rows_unchanged"] for r in records)  # class-embedding rows 0-7 stay frozen
     assert (smoke_out / "quality_samples.png").stat().st_size > 0
     assert (smoke_out / "quality.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(SMOKE_SECONDS["quality.py"] + PYTEST_SLACK)
+def test_quality_style_task_with_selection_modes(tmp_path):
+    """The second task kind, the selection modes and the paper's lr rule as a sweep point."""
+    smoke_out = run_smoke("quality.py", tmp_path, "--task", "style", "--methods", "sara,sara_grad,sara_random",
+                          "--lr", "sara=auto")
+    columns, rows = tables((smoke_out / "quality_style.md").read_text())["Results"]
+    assert [row[0] for row in rows] == ["sara", "sara_grad", "sara_random"]
+    assert rows[0][columns.index("lr")].startswith("auto = ")
+    assert rows[0][columns.index("frozen at the end")].endswith("%")
+    records = json.loads((smoke_out / "quality_style.json").read_text())["records"]
+    assert {r["task"] for r in records} == {"style"} and all(r["old_rows_unchanged"] for r in records)
 
 
 @pytest.mark.timeout(SMOKE_SECONDS["premise.py"] + PYTEST_SLACK)
