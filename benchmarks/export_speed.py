@@ -98,7 +98,10 @@ def timed(arguments: list[str], folder: str) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summary = [line for line in proc.stdout.splitlines() if line.startswith("wrote")]
-    summary = summary[-1] if summary else proc.stdout.strip()[:200] if proc.returncode == 0 else proc.stderr[-300:]
+    if summary:
+        summary = summary[-1]
+    else:
+        summary = f"{len(proc.stdout.splitlines())} report lines" if proc.returncode == 0 else proc.stderr[-300:]
     return {"status": proc.returncode, "wall_s": wall, "cpu_s": cpu, "loadavg": load,
             "summary": summary.replace(folder + os.sep, "").replace("\n", " ")}
 
@@ -109,20 +112,24 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--smoke", action="store_true", help="tiny model: checks the script, not the speed")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--keep", help="build and keep the files in this folder (default: a temporary one)")
     args = parser.parse_args()
     from sara_network.options import parse_count
 
     arch = "tiny" if args.smoke else "sd15"
     budgets = [5000] if args.smoke else [parse_count(b) for b in args.budgets.split(",")]
     records = []
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = args.keep or temporary
+        os.makedirs(folder, exist_ok=True)
         base, natives = build_files(arch, budgets, folder)
         for budget, native in natives.items():
             out = lambda name: os.path.join(folder, f"{name}_{budget}.safetensors")  # noqa: E731
             commands = {
-                f"to-lora --rank {args.rank}": ["to-lora", native, out("lora"), "--rank", str(args.rank), "--show", "0"],
-                "to-diff": ["to-diff", native, out("diff")],
-                "merge --base (LDM checkpoint)": ["merge", native, "-o", out("merged"), "--base", base],
+                f"to-lora --rank {args.rank}": ["to-lora", native, out("lora"), "--rank", str(args.rank), "--show", "0",
+                                                    "--overwrite"],
+                "to-diff": ["to-diff", native, out("diff"), "--overwrite"],
+                "merge --base (LDM checkpoint)": ["merge", native, "-o", out("merged"), "--base", base, "--overwrite"],
                 "inspect": ["inspect", native],
             }
             for name, arguments in commands.items():
@@ -138,7 +145,8 @@ def main() -> None:
         "Each command runs alone in a fresh process (no `nice`) on a native file of random deltas at the SaRA "
         "selection of a random-init SD1.5 (U-Net + text encoder, preset full). `wall`: elapsed seconds, "
         "including Python start-up and file reading/writing; `cpu`: user + system seconds of the process; "
-        "`load`: /proc/loadavg when the command started (2 cores shared with other jobs).", "",
+        "`load`: /proc/loadavg when the command started (2 cores shared with other jobs). Threads: "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.", "",
         common.markdown_table(["budget", "command", "exit", "wall s", "cpu s", "load (1/5/15 min)", "native MiB",
                                "output"], rows), ""])
     common.write_results(Path(args.out), "export_speed", markdown, {"records": records, "machine": common.machine()})
