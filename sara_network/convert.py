@@ -247,76 +247,75 @@ class RankRule:
 OVERSAMPLE = 10
 POWER_ITERATIONS = 2
 SEED = 0
-# Above this fraction of nonzero entries a module's delta is handled as a dense matrix: sorting the
-# entries by column (for A^T products) then costs more than the dense products.
-SPARSE_BELOW_DENSITY = 0.05
+# Above this fraction of nonzero entries a module's delta is handled as a dense matrix (BLAS products
+# then beat torch's CSR products plus the sort by column that A^T needs; measured on SD1.5 modules).
+SPARSE_BELOW_DENSITY = 0.1
+
+
+def _csr(offsets: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape: tuple) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are not
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(offsets, columns, values, shape, check_invariants=False)
+
+
+def _offsets(sorted_rows: torch.Tensor, count: int) -> torch.Tensor:
+    """int32 CSR row offsets of entries sorted by row."""
+    offsets = torch.zeros(count + 1, dtype=torch.int32)
+    offsets[1:] = torch.bincount(sorted_rows, minlength=count).cumsum(0)
+    return offsets
 
 
 class DeltaMatrix:
-    """A module's delta as the matrix (out, in*kh*kw) with the products a randomized SVD needs:
-    sparse (CSR of A and of A^T, fp64) at low density, else dense (fp32)."""
+    """A module's delta as the matrix (out, in*kh*kw) with the products a randomized SVD needs, in
+    fp32: sparse (int32 CSR of A and of A^T) at low density, else dense."""
 
     def __init__(self, delta: ModuleDelta, dense: bool):
         rows = delta.shape[0]
         cols = delta.numel // rows
         self.shape = (rows, cols)
-        values = delta.values.to(torch.float64)
-        self.norm_sq = float(values.square().sum())
-        self.matrix = self.transposed = None
+        self.norm_sq = float(delta.values.to(torch.float64).square().sum())
+        self.transposed = self.matrix64 = None
         if dense:
             self.matrix = delta.dense(torch.float32).reshape(rows, cols)
             return
         flat = delta.indices.long()  # sorted row-major: already CSR order
-        row, col = flat // cols, flat % cols
-        order = torch.sort(col.to(torch.int32), stable=True).indices  # rows stay ascending per column
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are not
-            warnings.simplefilter("ignore", UserWarning)
-            self.matrix = torch.sparse_csr_tensor(_offsets(row, rows), col, values, self.shape,
-                                                  check_invariants=False)
-            self.transposed = torch.sparse_csr_tensor(_offsets(col, cols), row[order], values[order], (cols, rows),
-                                                      check_invariants=False)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.matrix.dtype
+        row, col = (flat // cols).to(torch.int32), (flat % cols).to(torch.int32)
+        order = torch.sort(col, stable=True).indices  # rows stay ascending within a column
+        values = delta.values.to(torch.float32)
+        row_offsets = _offsets(row, rows)
+        self.matrix = _csr(row_offsets, col, values, self.shape)
+        self.transposed = _csr(_offsets(col, cols), row[order], values[order], (cols, rows))
+        self.matrix64 = _csr(row_offsets, col, delta.values.to(torch.float64), self.shape)  # for the error
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """A @ x"""
-        return self.matrix @ x.to(self.dtype)
+        return self.matrix @ x
 
     def rmm(self, x: torch.Tensor) -> torch.Tensor:
         """A^T @ x"""
-        x = x.to(self.dtype)
         return self.matrix.T @ x if self.transposed is None else self.transposed @ x
 
     def residual_sq(self, up: torch.Tensor, down: torch.Tensor) -> float:
-        """||A - up @ down||_F^2 (fp64 sums): dense directly; sparse as ||A||^2 - 2<A, L> + ||L||^2."""
-        if self.transposed is None:
-            return float((self.matrix - up @ down).to(torch.float64).square().sum())
+        """||A - up @ down||_F^2: dense directly; sparse as ||A||^2 - 2<A, L> + ||L||^2 in fp64."""
+        if self.transposed is None:  # fp32, cascade-summed (vector_norm's fp32 sum is ~1e-4 off)
+            return float(torch.addmm(self.matrix, up, down, alpha=-1.0).square_().sum())
         up, down = up.to(torch.float64), down.to(torch.float64)
-        cross = float((up * self.mm(down.T)).sum())
+        cross = float((up * (self.matrix64 @ down.T)).sum())
         own = float(((up.T @ up) * (down @ down.T)).sum())
         return max(self.norm_sq - 2.0 * cross + own, 0.0)
-
-
-def _offsets(sorted_rows: torch.Tensor, count: int) -> torch.Tensor:
-    """CSR row offsets of entries sorted by row."""
-    offsets = torch.zeros(count + 1, dtype=torch.int64)
-    offsets[1:] = torch.bincount(sorted_rows, minlength=count).cumsum(0)
-    return offsets
 
 
 def randomized_svd(matrix: DeltaMatrix, q: int, power_iterations: int = POWER_ITERATIONS,
                    seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, S, Vh of the leading singular triplets from a q-dimensional randomized range (q <= min dim)."""
     generator = torch.Generator().manual_seed(seed)
-    probes = torch.randn(matrix.shape[1], q, generator=generator, dtype=torch.float64)
+    probes = torch.randn(matrix.shape[1], q, generator=generator)
     basis = torch.linalg.qr(matrix.mm(probes)).Q
     for _ in range(power_iterations):
         basis = torch.linalg.qr(matrix.rmm(basis)).Q
         basis = torch.linalg.qr(matrix.mm(basis)).Q
     u, s, vh = torch.linalg.svd(matrix.rmm(basis).T, full_matrices=False)  # of Q^T A (q x cols)
-    return basis.to(u.dtype) @ u, s, vh
+    return basis @ u, s, vh
 
 
 @dataclasses.dataclass
@@ -349,13 +348,13 @@ def lora_factors(delta: ModuleDelta, rule: RankRule, method: str = "auto",
     if exact:
         u, s, vh = torch.linalg.svd(matrix.matrix, full_matrices=False)
     else:
-        u, s, vh = randomized_svd(matrix, min(cap + OVERSAMPLE, full_rank))
+        u, s, vh = randomized_svd(matrix, min(cap + OVERSAMPLE, full_rank), POWER_ITERATIONS)
     rank = min(max(1, rule.choose(s, matrix.norm_sq, full_rank)), s.numel())
     target_sq = None if rule.max_rel_error is None else rule.max_rel_error ** 2 * matrix.norm_sq
     while True:
         root = s[:rank].sqrt()
         up, down = (u[:, :rank] * root).to(dtype), (root[:, None] * vh[:rank]).to(dtype)
-        error_sq = matrix.residual_sq(up.to(matrix.dtype), down.to(matrix.dtype))
+        error_sq = matrix.residual_sq(up.to(torch.float32), down.to(torch.float32))
         if target_sq is None or error_sq <= target_sq or rank >= min(cap, s.numel()):
             break
         rank += 1

@@ -163,10 +163,12 @@ def test_randomized_export_error_is_close_to_the_exact_truncated_svd(shape, dens
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_sparse_randomized_export_reports_the_error_of_what_it_stores(dtype):
-    """The sparse path computes ||D - up@down|| without a dense D: check it against the dense
-    residual of the written factors, per module and overall, for Linear and 3x3 / 1x1 conv shapes."""
+    """The sparse path computes ||D - up@down|| without a dense D (the dense path directly, in fp32):
+    check both against the fp64 residual of the written factors, per module and overall, for Linear
+    and 3x3 / 1x1 conv shapes."""
     deltas = [sparse_delta("lora_unet_a", (256, 512), 0.01, 1), sparse_delta("lora_unet_b", (128, 64, 3, 3), 0.02, 2),
-              sparse_delta("lora_unet_c", (192, 256, 1, 1), 0.03, 3, decaying=True)]
+              sparse_delta("lora_unet_c", (192, 256, 1, 1), 0.03, 3, decaying=True),
+              sparse_delta("lora_unet_d", (160, 320), 2 * convert.SPARSE_BELOW_DENSITY, 4)]  # the dense path
     result = convert.to_lora(deltas, convert.RankRule(rank=8), "sd_v1", "auto", dtype)
     dense = convert.lora_deltas(result.tensors)
     err_sq = norm_sq = 0.0
