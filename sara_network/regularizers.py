@@ -61,7 +61,7 @@ def newton_schulz_polar(matrix: torch.Tensor, fast_steps: int = FAST_STEPS,
         a, b, c = FAST_COEFFICIENTS if step < fast_steps else POLISH_COEFFICIENTS
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    polar = x.T if tall else x
+    polar = (x.T if tall else x).contiguous()
     return polar, float((polar * matrix).sum())
 
 

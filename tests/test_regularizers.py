@@ -42,6 +42,7 @@ def reference_subgradient(matrix):
     ((640, 640), 0.006, "weights"),     # attention at 640 channels, a 5M-like density
     ((1280, 1280), 0.06, "weights"),    # attention at 1280 channels: the slowest to converge
     ((1280, 5120), 0.006, "update"),    # feed-forward out at 1280 channels
+    ((2560, 320), 0.06, "weights"),     # feed-forward in (GEGLU) at 320 channels: a tall matrix
 ])
 def test_newton_schulz_subgradient_matches_svd_on_sd15_shapes(shape, density, target):
     indices, matrix = sd15_masked_matrix(shape, density, target, seed=sum(shape))
@@ -101,12 +102,13 @@ def one_step_rank_contribution(m, network, optimizer, micro_batches, accelerator
     return {n: before[n] - mod.delta.detach() - grads[n] for n, mod in network.named_children()}
 
 
-@pytest.mark.parametrize("accumulation", ["none", "plain", "accelerate"])
-def test_rank_layers_all_applies_the_term_once_to_every_eligible_layer(accumulation):
+@pytest.mark.parametrize("accumulation,method", [("none", "svd"), ("plain", "newton_schulz"), ("accelerate", "svd")])
+def test_rank_layers_all_applies_the_term_once_to_every_eligible_layer(accumulation, method):
     lambda_rank = 0.25
     m = models.tiny_sd1()
     network = make_network(m, {"density": "0.2", "progressive_iter": "off", "lambda_rank": str(lambda_rank),
-                               "rank_min_dim": "16", "rank_layers": "all"}, train_text_encoder=True)
+                               "rank_min_dim": "16", "rank_layers": "all", "rank_method": method},
+                           train_text_encoder=True)
     freeze_and_cast(m, network)
     groups = network.prepare_optimizer_params(None, 1.0, 1.0)[0]
     optimizer = torch.optim.SGD([{**group, "lr": 1.0} for group in groups], lr=1.0)
@@ -124,6 +126,7 @@ def test_rank_layers_all_applies_the_term_once_to_every_eligible_layer(accumulat
     for mod in modules:
         mod.delta.grad = None
     assert len(expected) >= 8 and len(expected) < len(modules)  # both kinds of layer are present
+    assert any(mod.weight_shape[0] > mod.weight_shape[1] for mod in modules if mod.sara_name in expected)  # tall too
     applied = one_step_rank_contribution(m, network, optimizer, 1 if accumulation == "none" else 2, accelerator)
     assert int(network.optimizer_steps) == 1
     for name, change in applied.items():
