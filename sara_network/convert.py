@@ -314,8 +314,10 @@ def randomized_svd(matrix: DeltaMatrix, q: int, power_iterations: int = POWER_IT
     for _ in range(power_iterations):
         basis = torch.linalg.qr(matrix.rmm(basis)).Q
         basis = torch.linalg.qr(matrix.mm(basis)).Q
-    u, s, vh = torch.linalg.svd(matrix.rmm(basis).T, full_matrices=False)  # of Q^T A (q x cols)
-    return basis @ u, s, vh
+    # Q^T A = (A^T Q)^T = (Q_z R_z)^T: the SVD of the small R_z^T instead of the wide Q^T A
+    q_z, r_z = torch.linalg.qr(matrix.rmm(basis))
+    u, s, vh = torch.linalg.svd(r_z.T)
+    return basis @ u, s, vh @ q_z.T
 
 
 @dataclasses.dataclass
