@@ -65,7 +65,7 @@ def cmd_to_lora(args) -> None:
     _check_output(args.output, args, [args.input])
     deltas, metadata = fileformat.load_native(args.input)
     version = _version(deltas, metadata, args.base_model)
-    rule = convert.RankRule(args.rank, args.energy, args.max_rel_error, args.max_rank)
+    rule = convert.RankRule(args.rank, args.energy, args.max_error, args.max_rank)
     result = convert.to_lora(deltas, rule, version, args.svd, DTYPES[args.dtype], progress_bars(args.quiet),
                              args.uniform_rank)
     shapes = {d.name: d.shape for d in deltas}
@@ -87,6 +87,11 @@ def cmd_to_lora(args) -> None:
              + (" ..." if len(result.bias_modules) > 5 else ""))
     if result.fillers:
         print(f"  added {len(result.fillers)} zero rank-1 modules so A1111 patches partly covered OpenCLIP attention")
+    if result.unreached:
+        cap = min(r for r in (rule.rank, rule.max_rank) if r is not None)  # full rank always reaches it
+        _say(f"warning: {len(result.unreached)} modules stay above --max-error {args.max_error:g} at the rank cap "
+             f"{cap}: {', '.join(result.unreached[:5])}"
+             + (" ..." if len(result.unreached) > 5 else ""))
 
 
 def cmd_to_diff(args) -> None:
@@ -281,18 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("to-lora", cmd_to_lora, "native SaRA file -> kohya LoRA (A1111, Forge, ComfyUI, diffusers)")
     sub.add_argument("input")
     output(sub)
-    rank = sub.add_mutually_exclusive_group(required=True)
-    rank.add_argument("--rank", type=int, help="the same rank for every module")
-    rank.add_argument("--energy", type=float, help="per module, the smallest rank keeping this fraction of "
-                                                   "the squared singular values (e.g. 0.99)")
-    rank.add_argument("--max-rel-error", type=float, help="per module, the smallest rank whose relative "
-                                                          "Frobenius error is at most this (e.g. 0.05)")
+    sub.add_argument("--rank", type=int, help="the rank of every module; with --energy / --max-error, the "
+                                              "largest rank a module may get")
+    adaptive = sub.add_mutually_exclusive_group()
+    adaptive.add_argument("--energy", type=float, help="per module, the smallest rank keeping this fraction of "
+                                                       "the squared singular values (e.g. 0.99)")
+    adaptive.add_argument("--max-error", "--max-rel-error", dest="max_error", type=float,
+                          help="per module, the smallest rank whose relative Frobenius error is at most this "
+                               "(e.g. 0.05); modules that cannot reach it within the rank cap are listed")
     sub.add_argument("--max-rank", type=int, help="upper bound on any module's rank")
     sub.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto",
-                     help="auto: randomized when the rank bound is small against the matrix, else exact")
+                     help="auto: randomized (on the sparse delta) when the rank bound is small against the "
+                          "matrix, else exact")
     sub.add_argument("--uniform-rank", action="store_true",
                      help="pad every module with zeros to the largest rank (exact); needed by diffusers' "
-                          "load_lora_weights when ranks differ (--energy / --max-rel-error)")
+                          "load_lora_weights when ranks differ (--energy / --max-error)")
     sub.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     sub.add_argument("--show", type=int, default=10, help="print the N modules with the largest error")
     base_model(sub)

@@ -3,9 +3,10 @@
 Pure functions over ModuleDelta lists and state dicts (the CLI in cli.py only reads, calls, writes):
 
 - native -> LyCORIS `full` (`<name>.diff`, `.diff_b`): exact, loads in A1111 / Forge / ComfyUI.
-- native -> kohya LoRA (`lora_down` / `lora_up` / `alpha`): a truncated SVD of each dense delta, the
-  only adapter form diffusers' `load_lora_weights` also reads. Rank per module is fixed or chosen
-  from the spectrum; the relative Frobenius error of what is stored is measured, not estimated.
+- native -> kohya LoRA (`lora_down` / `lora_up` / `alpha`): a truncated SVD of each delta (randomized,
+  on the sparse matrix, unless the rank bound is near the matrix size), the only adapter form
+  diffusers' `load_lora_weights` also reads. Rank per module is fixed or chosen from the spectrum
+  or a target error; the relative Frobenius error of what is stored is measured, not estimated.
 - diff / LoRA -> native: a diff's exact nonzero support, or a LoRA's dense delta projected onto the
   SaRA selection of a base model (so training can start from a LoRA) or onto its top-k entries.
 - merges: native + native (union of supports), and native files baked into base weights.
@@ -18,7 +19,8 @@ import dataclasses
 import json
 import math
 import re
-from typing import Iterable, Mapping, Optional, Sequence
+import warnings
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -208,7 +210,8 @@ def from_diff(tensors: Mapping[str, torch.Tensor], path: str = "<diff>",
 @dataclasses.dataclass(frozen=True)
 class RankRule:
     """How each module's rank is chosen: a fixed `rank`, or the smallest rank that keeps `energy`
-    of the squared singular values / reaches `max_rel_error`; never above `max_rank`."""
+    of the squared singular values / reaches `max_rel_error`, never above `max_rank` nor, when
+    given with `energy` / `max_rel_error`, above `rank`."""
 
     rank: Optional[int] = None
     energy: Optional[float] = None
@@ -216,15 +219,20 @@ class RankRule:
     max_rank: Optional[int] = None
 
     def __post_init__(self):
-        given = [x for x in (self.rank, self.energy, self.max_rel_error) if x is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of --rank, --energy or --max-rel-error")
+        if self.energy is not None and self.max_rel_error is not None:
+            raise ValueError("give either --energy or --max-error, not both")
+        if self.rank is None and self.energy is None and self.max_rel_error is None:
+            raise ValueError("give --rank, --energy or --max-error")
         if self.rank is not None and self.rank < 1 or self.max_rank is not None and self.max_rank < 1:
             raise ValueError("ranks must be >= 1")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise ValueError("--energy must be in (0, 1]")
         if self.max_rel_error is not None and not 0 <= self.max_rel_error < 1:
-            raise ValueError("--max-rel-error must be in [0, 1)")
+            raise ValueError("--max-error must be in [0, 1)")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.energy is not None or self.max_rel_error is not None
 
     def cap(self, full_rank: int) -> int:
         """The largest rank the rule can pick (what a randomized SVD must compute)."""
@@ -234,7 +242,7 @@ class RankRule:
     def choose(self, singular_values: torch.Tensor, total_sq: float, full_rank: int) -> int:
         """The rank for a spectrum (the leading values suffice: the tail comes from total_sq)."""
         cap = self.cap(full_rank)
-        if self.rank is not None:
+        if not self.adaptive:
             return cap
         allowed = (1.0 - self.energy) if self.energy is not None else self.max_rel_error ** 2
         if allowed <= 0:
@@ -244,14 +252,83 @@ class RankRule:
         return min(cap, int(reached[0]) + 1 if reached.numel() else cap)
 
 
-def _svd(matrix: torch.Tensor, q: int, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, S, Vh of the leading q singular triplets: exact, or randomized when q is small."""
-    full = min(matrix.shape)
-    if method == "exact" or (method == "auto" and 2 * (q + 8) >= full):
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return u, s, vh
-    u, s, v = torch.svd_lowrank(matrix, q=min(q + 8, full), niter=4)
-    return u, s, v.T
+# Randomized SVD settings (Halko et al.'s range finder): `rank + OVERSAMPLE` random probes, then
+# POWER_ITERATIONS passes of A A^T, from a fixed seed (the same file gives the same LoRA).
+# tests/test_convert.py checks the error against the exact truncated SVD's.
+OVERSAMPLE = 10
+POWER_ITERATIONS = 2
+SEED = 0
+# Above this fraction of nonzero entries a module's delta is handled as a dense matrix (BLAS products
+# then beat torch's CSR products plus the sort by column that A^T needs; measured on SD1.5 modules).
+SPARSE_BELOW_DENSITY = 0.1
+
+
+def _csr(offsets: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape: tuple) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are not
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(offsets, columns, values, shape, check_invariants=False)
+
+
+def _offsets(sorted_rows: torch.Tensor, count: int) -> torch.Tensor:
+    """int32 CSR row offsets of entries sorted by row."""
+    offsets = torch.zeros(count + 1, dtype=torch.int32)
+    offsets[1:] = torch.bincount(sorted_rows, minlength=count).cumsum(0)
+    return offsets
+
+
+class DeltaMatrix:
+    """A module's delta as the matrix (out, in*kh*kw) with the products a randomized SVD needs, in
+    fp32: sparse (int32 CSR of A and of A^T) at low density, else dense."""
+
+    def __init__(self, delta: ModuleDelta, dense: bool):
+        rows = delta.shape[0]
+        cols = delta.numel // rows
+        self.shape = (rows, cols)
+        self.norm_sq = float(delta.values.to(torch.float64).square().sum())
+        self.transposed = self.matrix64 = None
+        if dense:
+            self.matrix = delta.dense(torch.float32).reshape(rows, cols)
+            return
+        flat = delta.indices.long()  # sorted row-major: already CSR order
+        row, col = (flat // cols).to(torch.int32), (flat % cols).to(torch.int32)
+        order = torch.sort(col, stable=True).indices  # rows stay ascending within a column
+        values = delta.values.to(torch.float32)
+        row_offsets = _offsets(row, rows)
+        self.matrix = _csr(row_offsets, col, values, self.shape)
+        self.transposed = _csr(_offsets(col, cols), row[order], values[order], (cols, rows))
+        self.matrix64 = _csr(row_offsets, col, delta.values.to(torch.float64), self.shape)  # for the error
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """A @ x"""
+        return self.matrix @ x
+
+    def rmm(self, x: torch.Tensor) -> torch.Tensor:
+        """A^T @ x"""
+        return self.matrix.T @ x if self.transposed is None else self.transposed @ x
+
+    def residual_sq(self, up: torch.Tensor, down: torch.Tensor) -> float:
+        """||A - up @ down||_F^2: dense directly; sparse as ||A||^2 - 2<A, L> + ||L||^2 in fp64."""
+        if self.transposed is None:  # fp32, cascade-summed (vector_norm's fp32 sum is ~1e-4 off)
+            return float(torch.addmm(self.matrix, up, down, alpha=-1.0).square_().sum())
+        up, down = up.to(torch.float64), down.to(torch.float64)
+        cross = float((up * (self.matrix64 @ down.T)).sum())
+        own = float(((up.T @ up) * (down @ down.T)).sum())
+        return max(self.norm_sq - 2.0 * cross + own, 0.0)
+
+
+def randomized_svd(matrix: DeltaMatrix, q: int, power_iterations: int = POWER_ITERATIONS,
+                   seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of the leading singular triplets from a q-dimensional randomized range (q <= min dim)."""
+    generator = torch.Generator().manual_seed(seed)
+    probes = torch.randn(matrix.shape[1], q, generator=generator)
+    basis = torch.linalg.qr(matrix.mm(probes)).Q
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(matrix.rmm(basis)).Q
+        basis = torch.linalg.qr(matrix.mm(basis)).Q
+    # Q^T A = (A^T Q)^T = (Q_z R_z)^T: the SVD of the small R_z^T instead of the wide Q^T A
+    q_z, r_z = torch.linalg.qr(matrix.rmm(basis))
+    u, s, vh = torch.linalg.svd(r_z.T)
+    return basis @ u, s, vh @ q_z.T
 
 
 @dataclasses.dataclass
@@ -266,24 +343,34 @@ class LoraModule:
         return math.sqrt(self.error_sq / self.norm_sq) if self.norm_sq else 0.0
 
 
-def lora_factors(dense: torch.Tensor, rule: RankRule, method: str = "auto",
+def lora_factors(delta: ModuleDelta, rule: RankRule, method: str = "auto",
                  dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(lora_up, lora_down, ||D - up@down||_F^2) of a dense delta, with alpha = rank (scale 1).
+    """(lora_up, lora_down, ||D - up@down||_F^2) of a module's delta, with alpha = rank (scale 1).
 
     A conv delta (out, in, kh, kw) is factored as the matrix (out, in*kh*kw): lora_down is a kxk
     conv (r, in, kh, kw), lora_up a 1x1 conv (out, r, 1, 1), LoCon's layout. The singular values
-    are split evenly (sqrt) between the factors, which keeps both in fp16 range."""
-    shape = tuple(dense.shape)
-    matrix = dense.reshape(shape[0], -1).to(torch.float32)
-    full_rank = min(matrix.shape)
-    total_sq = float(matrix.to(torch.float64).square().sum())
-    u, s, vh = _svd(matrix, rule.cap(full_rank), method)
-    rank = max(1, rule.choose(s, total_sq, full_rank))
-    rank = min(rank, s.numel())
-    root = s[:rank].sqrt()
-    up = (u[:, :rank] * root).to(dtype)
-    down = (root[:, None] * vh[:rank]).to(dtype)
-    error_sq = float((matrix - up.to(torch.float32) @ down.to(torch.float32)).to(torch.float64).square().sum())
+    are split evenly (sqrt) between the factors, which keeps both in fp16 range. `method`: 'exact'
+    (dense SVD), 'randomized', or 'auto' (exact when the rank bound is near the matrix size).
+    The error is that of the factors as stored (in `dtype`); with `max_rel_error` the rank grows
+    past the spectrum's estimate while the stored factors miss the target (up to the cap)."""
+    shape = tuple(delta.shape)
+    full_rank = min(shape[0], delta.numel // shape[0])
+    cap = rule.cap(full_rank)
+    exact = method == "exact" or (method == "auto" and 2 * (cap + OVERSAMPLE) >= full_rank)
+    matrix = DeltaMatrix(delta, dense=exact or delta.indices.numel() > SPARSE_BELOW_DENSITY * delta.numel)
+    if exact:
+        u, s, vh = torch.linalg.svd(matrix.matrix, full_matrices=False)
+    else:
+        u, s, vh = randomized_svd(matrix, min(cap + OVERSAMPLE, full_rank), POWER_ITERATIONS)
+    rank = min(max(1, rule.choose(s, matrix.norm_sq, full_rank)), s.numel())
+    target_sq = None if rule.max_rel_error is None else rule.max_rel_error ** 2 * matrix.norm_sq
+    while True:
+        root = s[:rank].sqrt()
+        up, down = (u[:, :rank] * root).to(dtype), (root[:, None] * vh[:rank]).to(dtype)
+        error_sq = matrix.residual_sq(up.to(torch.float32), down.to(torch.float32))
+        if target_sq is None or error_sq <= target_sq or rank >= min(cap, s.numel()):
+            break
+        rank += 1
     if len(shape) == 4:
         up, down = up.reshape(shape[0], rank, 1, 1), down.reshape(rank, *shape[1:])
     return up.contiguous(), down.contiguous(), error_sq
@@ -295,6 +382,7 @@ class LoraResult:
     modules: list[LoraModule]
     bias_modules: list[str]  # modules whose bias deltas a LoRA cannot carry
     fillers: list[str]  # zero rank-1 modules added for A1111's OpenCLIP attention rule
+    unreached: list[str] = dataclasses.field(default_factory=list)  # above max_rel_error at the rank cap
 
     @property
     def rel_error(self) -> float:
@@ -308,7 +396,8 @@ class LoraResult:
     def report(self) -> dict:
         return {"rel_error": self.rel_error, "max_rank": self.max_rank,
                 "modules": {m.name: {"rank": m.rank, "rel_error": m.rel_error} for m in self.modules},
-                "dropped_bias_deltas": self.bias_modules, "zero_fillers": self.fillers}
+                "dropped_bias_deltas": self.bias_modules, "zero_fillers": self.fillers,
+                "above_max_error": self.unreached}
 
 
 def pad_rank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,11 +415,10 @@ def to_lora(deltas: Sequence[ModuleDelta], rule: RankRule, version: str, method:
     right when every rank is the same."""
     factors, modules = {}, []
     for delta in progress(deltas, desc="SVD", unit="module"):
-        dense = delta.dense(torch.float32)
-        norm_sq = float(dense.to(torch.float64).square().sum())
+        norm_sq = float(delta.values.to(torch.float64).square().sum())
         if norm_sq == 0.0:
             continue
-        up, down, error_sq = lora_factors(dense, rule, method, dtype)
+        up, down, error_sq = lora_factors(delta, rule, method, dtype)
         factors[delta.name] = (up, down)
         modules.append(LoraModule(delta.name, down.shape[0], error_sq, norm_sq))
     if not modules:
@@ -342,14 +430,16 @@ def to_lora(deltas: Sequence[ModuleDelta], rule: RankRule, version: str, method:
         tensors[f"{name}.lora_up.weight"] = up
         tensors[f"{name}.lora_down.weight"] = down
         tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
-    shapes = {m.name: next(d.shape for d in deltas if d.name == m.name) for m in modules}
-    fillers = open_clip_fillers(shapes, version)
+    shapes = {d.name: d.shape for d in deltas}
+    fillers = open_clip_fillers({m.name: shapes[m.name] for m in modules}, version)
     for name, shape in fillers.items():
         tensors[f"{name}.lora_up.weight"] = torch.zeros(shape[0], 1, dtype=dtype)
         tensors[f"{name}.lora_down.weight"] = torch.zeros(1, shape[1], dtype=dtype)
         tensors[f"{name}.alpha"] = torch.tensor(1.0, dtype=dtype)
     bias_modules = [d.name for d in deltas if d.bias_indices is not None and d.bias_indices.numel()]
-    return LoraResult(tensors, modules, bias_modules, sorted(fillers))
+    unreached = [] if rule.max_rel_error is None else \
+        [m.name for m in modules if m.rel_error > rule.max_rel_error * (1 + 1e-6)]
+    return LoraResult(tensors, modules, bias_modules, sorted(fillers), unreached)
 
 
 # ---------------------------------------------------------------------------------------------

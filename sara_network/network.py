@@ -758,26 +758,30 @@ class SaraNetwork(nn.Module):
                 if len(m.weight_shape) == 2 and min(m.weight_shape) > min_dim and m.delta.requires_grad
                 and m.delta.grad is not None]  # a layer the step did not train keeps its deltas
 
+    def rank_layers_this_step(self, eligible: list[SaraModule]) -> list[SaraModule]:
+        """Every eligible layer (rank_layers=all), or `rank_layers` random ones drawn from a generator
+        seeded by (seed, step): every rank of a multi-GPU run picks the same layers, so the deltas
+        stay identical across ranks."""
+        if self.config.rank_layers == "all":
+            return eligible
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + int(self.optimizer_steps))
+        order = torch.randperm(len(eligible), generator=generator)[: self.config.rank_layers]
+        return [eligible[position] for position in order.tolist()]
+
     @torch.no_grad()
     def apply_rank_gradients(self) -> None:
-        """Add lambda_rank * subgradient of ||masked matrix||_* to the deltas of random eligible layers.
-
-        The layers are drawn from a generator seeded by (seed, step): every rank of a multi-GPU run
-        picks the same layers, so the deltas stay identical across ranks.
-        """
+        """Add lambda_rank * subgradient of ||masked matrix||_* to the deltas of the chosen eligible layers."""
         weight = self.config.lambda_rank
         eligible = self.rank_eligible() if weight > 0 else []
         if not eligible:
             return
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + int(self.optimizer_steps))
-        order = torch.randperm(len(eligible), generator=generator)[: self.config.rank_layers]
         norms = []
-        for position in order.tolist():
-            module = eligible[position]
+        for module in self.rank_layers_this_step(eligible):
             entries = module.pinned_delta().detach().to(torch.float32)
             if self.config.rank_target == "weights":
                 entries = entries + module.base_values_fp32()
-            grad, norm = rank_penalty_grad(module.weight_shape, module.indices, entries, weight)
+            grad, norm = rank_penalty_grad(module.weight_shape, module.indices, entries, weight,
+                                           self.config.rank_method)
             if module.frozen_positions.numel():
                 grad.index_put_((module.frozen_positions,), torch.zeros((), dtype=grad.dtype))
             grad = grad.to(module.delta.dtype)

@@ -108,6 +108,26 @@ def parse_positive_int(text: str) -> int:
     return value
 
 
+def parse_rank_layers(text: str) -> int | str:
+    """A whole number of random eligible layers per step, or 'all'."""
+    lowered = str(text).strip().lower()
+    if lowered == "all":
+        return "all"
+    try:
+        return parse_positive_int(lowered)
+    except ValueError:
+        raise ValueError("expected a whole number >= 1 or 'all'") from None
+
+
+def parse_rank_method(text: str) -> str:
+    from .regularizers import RANK_METHODS
+
+    lowered = str(text).strip().lower()
+    if lowered not in RANK_METHODS:
+        raise ValueError(f"expected one of {', '.join(RANK_METHODS)}")
+    return lowered
+
+
 def parse_int(text: str) -> int:
     return int(str(text).strip())
 
@@ -146,7 +166,11 @@ OPTIONS: tuple[Option, ...] = (
            "Weight of the nuclear-norm term (paper eq. 4-5; paper value 5e-3). 0 disables it."),
     Option("rank_target", parse_rank_target, "weights",
            "Matrix whose nuclear norm is penalised: 'weights' (masked weights, the paper) or 'update'."),
-    Option("rank_layers", parse_positive_int, 1, "How many random eligible 2-D layers get the term per step."),
+    Option("rank_layers", parse_rank_layers, 1,
+           "How many random eligible 2-D layers get the term per step (authors: 1), or 'all' of them."),
+    Option("rank_method", parse_rank_method, "svd",
+           "Subgradient of the term: 'svd' (exact) or 'newton_schulz' (matmuls only, approximate; see "
+           "regularizers.py)."),
     Option("rank_min_dim", parse_positive_int, 64, "A 2-D layer is eligible when min(out, in) > this (paper: 64)."),
     Option("progressive_iter", parse_progressive_iter, 0.5,
            "Progressive re-selection step: a step count, a fraction of max_train_steps, or 'off'."),
@@ -174,7 +198,8 @@ class SaraConfig:
     include_bias: bool = False
     lambda_rank: float = 0.0
     rank_target: str = "weights"
-    rank_layers: int = 1
+    rank_layers: int | str = 1
+    rank_method: str = "svd"
     rank_min_dim: int = 64
     progressive_iter: Optional[float] = 0.5
     lr: Optional[float | str] = None
