@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -55,6 +56,7 @@ def cmd_to_lora(args) -> None:
     version = _version(deltas, metadata, args.base_model)
     rule = convert.RankRule(args.rank, args.energy, args.max_rel_error, args.max_rank)
     result = convert.to_lora(deltas, rule, version, args.svd, DTYPES[args.dtype], progress, args.uniform_rank)
+    _refuse_non_finite(result.tensors, args.input, f"the LoRA factors overflow {args.dtype}; use --dtype fp32")
     shapes = {d.name: d.shape for d in deltas}
     conv_ranks = [m.rank for m in result.modules if len(shapes[m.name]) == 4]
     extra = {"sara_lora_conversion": json.dumps({"source": os.path.basename(args.input), "svd": args.svd,
@@ -78,7 +80,7 @@ def cmd_to_lora(args) -> None:
 
 def cmd_to_diff(args) -> None:
     _check_output(args.output, args.overwrite)
-    deltas, metadata = fileformat.load_native(args.input)
+    deltas, metadata = fileformat.load_native(args.input, args.allow_non_finite)
     version = _version(deltas, metadata, args.base_model)
     dtype = DTYPES[args.dtype]
     tensors = convert.to_diff(deltas, dtype)
@@ -89,6 +91,13 @@ def cmd_to_diff(args) -> None:
     fileformat.save_tensors(args.output, tensors, out_metadata)
     print(f"wrote {args.output}: {len(deltas)} diff modules ({args.dtype})"
           + (f", {len(fillers)} zero OpenCLIP attention fillers" if fillers else ""))
+
+
+def _refuse_non_finite(tensors, source: str, problem: str) -> None:
+    """A conversion of finite input never writes NaN / Inf: it stops and says why instead."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SaraFileError(f"{source}: {name}: {problem}")
 
 
 def _native_metadata(source: dict, version: str, output: str, extra: dict) -> dict:
@@ -167,8 +176,12 @@ def _scaled_inputs(specs: Sequence[str]) -> list[tuple[str, float]]:
 def cmd_merge(args) -> None:
     _check_output(args.output, args.overwrite)
     inputs = _scaled_inputs(args.inputs)
-    loaded = [(fileformat.load_native(path), scale) for path, scale in inputs]
+    loaded = [(fileformat.load_native(path, args.allow_non_finite), scale) for path, scale in inputs]
     deltas = convert.merge_natives([(d, scale) for (d, _), scale in loaded])
+    if not args.allow_non_finite:
+        dtype = DTYPES[args.dtype] if args.base is None and args.dtype else torch.float32
+        _refuse_non_finite({d.name: d.values.to(dtype) for d in deltas}, " + ".join(p for p, _ in inputs),
+                           "the scaled sum overflows " + str(dtype).replace("torch.", ""))
     if args.base is None:
         first = loaded[0][0][1]
         hashes = {m.get("sara_base_hash") for (_, m), _ in loaded}
@@ -203,7 +216,7 @@ def _print_report(report: dict, indent: str = "") -> None:
 
 def cmd_inspect(args) -> None:
     base = convert.load_base(args.base, args.base_model) if args.base else None
-    report = analysis.inspect_file(args.input, base)
+    report = analysis.inspect_file(args.input, base, args.allow_non_finite)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -243,12 +256,19 @@ def cmd_analyze(args) -> None:
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sara", description="Convert, merge, inspect and analyse SaRA files.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     def command(name: str, function, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(function=function)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the traceback of an error")
         return sub
+
+    def allow_non_finite(sub):
+        sub.add_argument("--allow-non-finite", action="store_true",
+                         help="read a native file holding NaN / Inf deltas instead of refusing it")
 
     def base_model(sub):
         sub.add_argument("--base-model", choices=list(convert.BASE_MODELS),
@@ -282,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     output(sub)
     sub.add_argument("--dtype", choices=list(DTYPES), default="fp16",
                      help="fp16 (default) or fp32; bf16 rounds the patched base weights in A1111")
+    allow_non_finite(sub)
     base_model(sub)
 
     sub = command("from-diff", cmd_from_diff, "LyCORIS diff file -> native SaRA file (its exact nonzero support)")
@@ -311,12 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
     sub.add_argument("--base", help="diffusers folder or single-file .safetensors checkpoint to bake into")
     sub.add_argument("--dtype", choices=list(DTYPES), help="value dtype of a merged native file (default fp32)")
+    allow_non_finite(sub)
     base_model(sub)
 
     sub = command("inspect", cmd_inspect, "show a native / LoRA / diff file: metadata, sizes, densities, values")
     sub.add_argument("input")
     sub.add_argument("--base", help="check that this base model fits the file (modules, shapes, base hash)")
     sub.add_argument("--json", action="store_true")
+    allow_non_finite(sub)
     base_model(sub)
 
     sub = command("analyze", cmd_analyze, "|w| distribution of a base model, thresholds per block, budget")
@@ -330,12 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(error: BaseException) -> str:
+    """One line for any failure: the message (which names the file) of the errors bad input
+    raises, the type too for anything else (a bug: --debug shows where)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    elif not isinstance(error, (SaraFileError, ValueError, OSError)):
+        text = f"internal error ({type(error).__name__}: {text}); run with --debug and report it"
+    return text[:2000]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.function(args)
-    except (SaraFileError, ValueError, OSError) as error:
-        _say(f"sara {args.command}: error: {error}")
+    except Exception as error:  # every failure is one line on stderr and exit status 1
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        _say(f"sara {args.command}: error: {error_line(error)}")
         return 1
     return 0
 
