@@ -312,7 +312,9 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: 
         stream.write(struct.pack("<Q", len(blob)))
         stream.write(blob)
         for name in names:
-            data = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            # clone, not contiguous(): a one-entry slice is "contiguous" with any stride, and view needs 1
+            flat = tensors[name].detach().cpu().reshape(-1).clone(memory_format=torch.contiguous_format)
+            data = flat.view(torch.uint8).numpy()
             stream.write(data)
             digest.update(data)
         if with_hash:
@@ -416,7 +418,8 @@ def read_safetensors_header(path: str, stream: BinaryIO, size: int) -> tuple[dic
             raise _fail(path, f"{where}: shape must be a list of non-negative integers, got {shape!r:.80}")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets) \
                 or not 0 <= offsets[0] <= offsets[1] <= data_size:
-            raise _fail(path, f"{where}: data_offsets {offsets!r:.80} out of the {data_size}-byte data section")
+            raise _fail(path, f"{where}: data_offsets {offsets!r:.80} outside the {data_size}-byte data section: "
+                              "corrupted or truncated")
         if math.prod(shape) * _READ_DTYPES[dtype][1] != offsets[1] - offsets[0]:
             raise _fail(path, f"{where}: shape {tuple(shape)} of {dtype} does not match its "
                               f"{offsets[1] - offsets[0]} bytes")
@@ -433,17 +436,25 @@ def read_safetensors_header(path: str, stream: BinaryIO, size: int) -> tuple[dic
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read into memory, not mmap: a mapped file truncated in place later (an editor, `cp` over
+    it) would kill the process with SIGBUS at the next touch of a loaded tensor."""
     with open(path, "rb") as stream:
         size = os.fstat(stream.fileno()).st_size
-        entries, metadata, _ = read_safetensors_header(path, stream, size)
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in entries}
-    except Exception as error:  # changed on disk since the header was read, or a safetensors limit
-        raise _fail(path, f"not a readable safetensors file, corrupted or truncated "
-                          f"({str(error).splitlines()[0][:160]})") from None
+        entries, metadata, start = read_safetensors_header(path, stream, size)
+        data = bytearray(size - start)
+        if stream.readinto(data) != len(data):
+            raise _fail(path, "the file changed while it was read")
+    tensors = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        torch_dtype, itemsize = _READ_DTYPES[dtype]
+        if begin == end:
+            tensors[name] = torch.zeros(shape, dtype=torch_dtype)
+            continue
+        storage_dtype = torch.uint8 if torch_dtype == torch.bool else torch_dtype  # a bool byte may be 2..255
+        tensor = torch.frombuffer(data, dtype=storage_dtype, count=(end - begin) // itemsize, offset=begin)
+        if begin % itemsize:
+            tensor = tensor.clone()  # an unaligned tensor: copy it aligned
+        tensors[name] = (tensor != 0 if torch_dtype == torch.bool else tensor).reshape(shape)
     return tensors, metadata
 
 
