@@ -668,7 +668,7 @@ def write_merged(base: BaseModel, output: str) -> None:
     import os
     import shutil
 
-    from .fileformat import atomic_folder, save_tensors
+    from .fileformat import atomic_folder, give_plain_modes, save_tensors
 
     if base.state_dict is not None:
         save_tensors(output, base.state_dict, base.metadata, with_hash=False)
@@ -681,3 +681,4 @@ def write_merged(base: BaseModel, output: str) -> None:
                 copy(source, os.path.join(staging, entry))
         for sub, model in base.models.items():
             model.save_pretrained(os.path.join(staging, sub), safe_serialization=True)
+            give_plain_modes(os.path.join(staging, sub))

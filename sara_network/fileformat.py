@@ -244,6 +244,22 @@ def atomic_output(path: str) -> Iterator[BinaryIO]:
         raise
 
 
+def plain_mode(folder: bool = False) -> int:
+    """The mode open() / mkdir() give under the current umask (0666 / 0777 & ~umask)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
+def give_plain_modes(root: str) -> None:
+    """Files and folders under `root` get plain_mode: writers that go through a private temp file
+    (diffusers' save_pretrained does) leave 0600, which another user's webui cannot read."""
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, plain_mode(folder=True))
+        for name in files:
+            os.chmod(os.path.join(folder, name), plain_mode())
+
+
 @contextmanager
 def atomic_folder(path: str) -> Iterator[str]:
     """A temp folder beside `path` to fill; it replaces `path` (a folder or file) only when the block
