@@ -263,8 +263,9 @@ def give_plain_modes(root: str) -> None:
 @contextmanager
 def atomic_folder(path: str) -> Iterator[str]:
     """A temp folder beside `path` to fill; it replaces `path` (a folder or file) only when the block
-    succeeds. The old output is moved aside first and removed only once the new one is in place, so a
-    kill leaves either of them complete (the next write puts a moved-aside one back if needed)."""
+    succeeds, swapped in one step where the OS can (Linux). Elsewhere the old output is moved aside
+    first and removed once the new one is in place; a kill between the two renames leaves it aside,
+    and the next write to `path` puts it back."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     reclaim_stale_temps(path)
@@ -272,6 +273,9 @@ def atomic_folder(path: str) -> Iterator[str]:
     os.mkdir(staging, 0o777)
     try:
         yield staging
+        if os.path.lexists(path) and _exchange(staging, path):
+            _remove(staging)  # now the old output
+            return
         old = None
         if os.path.lexists(path):
             old = _temp_path(path, OLD_MARK)
@@ -282,6 +286,18 @@ def atomic_folder(path: str) -> Iterator[str]:
     except BaseException:
         _remove(staging)
         raise
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        rename = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, exchange = -100, 2
+    return rename(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), exchange) == 0
 
 
 def atomic_write_bytes(path: str, payload: bytes) -> None:

@@ -389,6 +389,16 @@ def test_a_failed_folder_write_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+KILLS = int(os.environ.get("SARA_KILLS", "0"))  # the long mode (docs/reliability.md) sets 50
+
+
+def record_kills(what, survived, during_write):
+    """Append to SARA_KILL_REPORT (long mode): kills survived, and how many hit a write in progress."""
+    if os.environ.get("SARA_KILL_REPORT"):
+        with open(os.environ["SARA_KILL_REPORT"], "a") as stream:
+            stream.write(json.dumps({"what": what, "kills": survived, "during_write": during_write}) + "\n")
+
+
 WRITER = """
 import sys
 from sara_network import fileformat
@@ -404,7 +414,7 @@ while True:
 def kill_during_writes(path, size, kills, rng):
     """SIGKILL a process rewriting `path` (payload all 0 or all 1 bytes) at random moments; after
     each kill the file is one of the two complete payloads."""
-    survived = 0
+    survived = during_write = 0
     for _ in range(kills):
         process = subprocess.Popen([sys.executable, "-c", WRITER, path, str(size)], stdout=subprocess.PIPE,
                                    env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
@@ -415,12 +425,71 @@ def kill_during_writes(path, size, kills, rng):
         data = open(path, "rb").read()
         assert len(data) == size and data in (b"\0" * size, b"\1" * size)
         survived += 1
+        during_write += any(".sara-tmp-" in name for name in os.listdir(os.path.dirname(path)))
+    record_kills("atomic file write", survived, during_write)
     return survived
 
 
 def test_sigkill_during_writes_leaves_the_old_or_the_new_file(tmp_path):
     path = str(tmp_path / "out.safetensors")
     fileformat.atomic_write_bytes(path, b"\0" * 4_000_000)
-    assert kill_during_writes(path, 4_000_000, 3, random.Random(0)) == 3
+    kills = KILLS or 3
+    assert kill_during_writes(path, 4_000_000, kills, random.Random(0)) == kills
     fileformat.atomic_write_bytes(path, b"done")  # the next write reclaims the killed runs' temps
     assert os.listdir(tmp_path) == ["out.safetensors"]
+
+
+MERGER = """
+import sys
+from sara_network import cli
+print("ready", flush=True)
+cli.main(sys.argv[1:])
+"""
+
+
+def folder_digest(folder) -> dict:
+    return {os.path.relpath(os.path.join(root, name), folder):
+            hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def kill_during_folder_merges(source, base_folder, out, kills, rng):
+    """SIGKILL `sara merge --base <folder>` at random moments over an older merge (scale 0.5);
+    after each kill, and the reclaim the next run does first, `out` is the old or the new merge."""
+    argv = ["merge", f"{source}:0.5", "--base", str(base_folder), "-o", str(out), "--base-model", "sd_v1",
+            "--overwrite"]
+    assert cli.main(argv) == 0
+    old = folder_digest(out)
+    assert cli.main([a.replace(":0.5", ":1") for a in argv]) == 0
+    new = folder_digest(out)
+    assert cli.main(argv) == 0
+    survived = during_write = 0
+    for _ in range(kills):
+        process = subprocess.Popen([sys.executable, "-c", MERGER, *[a.replace(":0.5", ":1") for a in argv]],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        assert process.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.0, 2.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        during_write += any(".sara-" in name for name in os.listdir(os.path.dirname(out)))
+        fileformat.reclaim_stale_temps(str(out))
+        assert folder_digest(out) in (old, new)
+        survived += 1
+        if folder_digest(out) == new:
+            assert cli.main(argv) == 0  # back to the old one for the next kill
+    record_kills("sara merge --base <diffusers folder>", survived, during_write)
+    return survived
+
+
+def test_sigkill_during_a_folder_merge_leaves_the_old_or_the_new_folder(trained, tmp_path):
+    folder, m = trained
+    base_folder = tmp_path / "base"
+    m.unet.save_pretrained(base_folder / "unet")
+    m.text_encoders[0].save_pretrained(base_folder / "text_encoder")
+    out = tmp_path / "merged"
+    kills = KILLS or 2
+    assert kill_during_folder_merges(str(folder / "good.safetensors"), base_folder, out, kills, random.Random(1)) == kills
+    assert cli.main(["merge", str(folder / "good.safetensors"), "--base", str(base_folder), "-o", str(out),
+                     "--base-model", "sd_v1", "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["base", "merged"]
