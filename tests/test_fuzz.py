@@ -12,7 +12,7 @@ Every case must end in either
 - a valid load whose data equal an independent numpy reading of the file's bytes, and outputs that
   are complete and finite, or
 - a SaraFileError, with every model weight bit-identical and no output or temp file left,
-within CASE_SECONDS. Quick mode (CI): SARA_FUZZ_CASES (default 240) cases; the long mode in
+within CASE_SECONDS. Quick mode (CI): SARA_FUZZ_CASES (default 300) cases; the long mode in
 docs/reliability.md runs SARA_FUZZ_CASES=5000 and writes a summary to SARA_FUZZ_REPORT.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from sara_network.fileformat import ModuleDelta, SaraFileError
 from sara_network.naming import component_of
 from test_convert import ldm_checkpoint
 
-CASES = int(os.environ.get("SARA_FUZZ_CASES", "240"))
+CASES = int(os.environ.get("SARA_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("SARA_FUZZ_SEED", "12"))
 CASE_SECONDS = 10
 MAX_RSS_BYTES = 6 * 2 ** 30
