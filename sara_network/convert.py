@@ -367,8 +367,15 @@ def lora_module_delta(name: str, parts: Mapping[str, torch.Tensor], path: str = 
         what = "a diff (use from-diff)" if set(parts) & set(DIFF_SUFFIXES) else f"suffixes {sorted(parts)}"
         raise SaraFileError(f"{path}: module {name}: expected lora_up.weight + lora_down.weight (+ alpha), "
                             f"found {what}")
+    alpha_part = parts.get("alpha")
+    if not all(t.dim() in (2, 4) and t.is_floating_point() and t.shape[0] > 0 for t in (up, down)) \
+            or alpha_part is not None and (alpha_part.numel() != 1 or not alpha_part.is_floating_point()):
+        raise SaraFileError(f"{path}: module {name}: lora_up / lora_down must be 2-D or 4-D floating tensors and "
+                            f"alpha one floating number; found up {up.dtype} {tuple(up.shape)}, down {down.dtype} "
+                            f"{tuple(down.shape)}" + ("" if alpha_part is None else
+                                                      f", alpha {alpha_part.dtype} {tuple(alpha_part.shape)}"))
     rank = down.shape[0]
-    alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+    alpha = float(alpha_part) if alpha_part is not None else float(rank)
     scale = alpha / rank
     up32, down32 = up.to(torch.float32), down.to(torch.float32)
     try:

@@ -369,6 +369,21 @@ def edit_tensors(data, rng):
     return buffer.getvalue(), f"tensor edit {choice} on {name}"
 
 
+def replace_any_tensor(data, rng):
+    """Any kind of file: one tensor replaced by one of another shape or dtype, or by NaN."""
+    arrays, metadata = numpy_tensors(data)
+    tensors = {k: torch.from_numpy(a.copy()) if dtype != "BF16" else torch.from_numpy(a.copy()).to(torch.bfloat16)
+               for k, (dtype, a) in arrays.items()}
+    key = rng.choice(sorted(tensors))
+    old = tensors[key]
+    tensors[key] = rng.choice([torch.zeros(5), torch.tensor(1.0), torch.zeros(3, dtype=torch.int32),
+                               old.float().reshape(-1).contiguous(), torch.full_like(old.float(), float("nan")),
+                               torch.zeros(0), torch.ones(*old.shape[:1], 3), old.to(torch.int64)])
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata), f"replace {key}"
+
+
 MUTATIONS = [flip_bytes, flip_bytes, truncate, append, set_length, edit_header, edit_header, edit_metadata,
              edit_metadata, edit_tensors, edit_tensors, edit_tensors]
 
@@ -616,12 +631,15 @@ def run_case(world, data: bytes, suffix: str, entry_name: str) -> tuple[str, str
 
 
 def generate(world, rng: random.Random, number: int) -> tuple[bytes, str, str]:
-    if number % 17 == 16:
+    if number % 11 == 10:
         kind = rng.choice(sorted(world.wrong_kind))
         data = world.wrong_kind[kind]
         suffix = ".pt" if kind.endswith(".pt") else ".safetensors"
         if kind == "native.pt" and rng.random() < 0.6:
             data, what = flip_bytes(data, rng)
+            return data, suffix, f"wrong kind {kind}, {what}"
+        if kind in ("lora", "diff") and rng.random() < 0.7:
+            data, what = rng.choice([replace_any_tensor, replace_any_tensor, flip_bytes])(data, rng)
             return data, suffix, f"wrong kind {kind}, {what}"
         return data, suffix, f"wrong kind {kind}"
     seed_name = rng.choice(sorted(world.seeds))

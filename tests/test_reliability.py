@@ -215,6 +215,22 @@ def test_torch_files_with_pickles_sparse_or_odd_metadata(tmp_path, capsys):
     refused(str(tmp_path / "text.pt"), "not UTF-8")
 
 
+@pytest.mark.parametrize("change, words", [
+    ({"alpha": torch.zeros(3)}, ["alpha one floating number"]),
+    ({"lora_up.weight": torch.zeros(5)}, ["2-D or 4-D"]),
+    ({"lora_down.weight": torch.zeros(0, 4)}, ["2-D or 4-D"]),
+    ({"lora_up.weight": torch.zeros(4, 2, dtype=torch.int32)}, ["floating"]),
+])
+def test_damaged_lora_files_are_named_not_raw_errors(tmp_path, change, words):
+    parts = {"lora_up.weight": torch.ones(4, 2), "lora_down.weight": torch.ones(2, 4), "alpha": torch.tensor(2.0)}
+    parts.update(change)
+    path = str(tmp_path / "lora.safetensors")
+    fileformat.write_safetensors(path, {f"{NAME}.{k}": v for k, v in parts.items()}, {})
+    with pytest.raises(SaraFileError, match=" / ".join(words)) as caught:
+        analysis.inspect_file(path)
+    assert str(caught.value).startswith(path) and NAME in str(caught.value)
+
+
 def test_cli_errors_are_one_line_naming_command_and_file(tmp_path, capsys):
     path = raw_file(tmp_path / "bad.safetensors", b"\xff")
     for argv in (["inspect", path], ["to-diff", path, str(tmp_path / "o")], ["to-lora", path, str(tmp_path / "o"),
