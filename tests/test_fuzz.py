@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import hashlib
 import io
 import json
@@ -362,11 +361,9 @@ def edit_tensors(data, rng):
         metadata["sara_total_selected"] = str(sum(counts.values()))
     else:
         tensors[f"{name}.sara_{rng.choice(['weird', 'values2'])}"] = torch.zeros(1)
-    buffer = io.BytesIO()
     from safetensors.torch import save
 
-    buffer.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata))
-    return buffer.getvalue(), f"tensor edit {choice} on {name}"
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata), f"tensor edit {choice} on {name}"
 
 
 def replace_any_tensor(data, rng):

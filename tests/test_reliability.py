@@ -1,9 +1,7 @@
 """Damaged and hostile files: one minimal file per failure class of issue 12, built here, through
 the loaders; NaN / Inf never produced from finite input; atomic outputs (mode, temp names, stale
 temps, SIGKILL during a write); nothing half-applied to a live model or a merge destination."""
-import copy
 import hashlib
-import io
 import json
 import os
 import random
