@@ -627,29 +627,31 @@ def run_case(world, data: bytes, suffix: str, entry_name: str) -> tuple[str, str
         return f"raw {type(error).__name__}", " ".join(str(error).split())[:300]
 
 
-def generate(world, rng: random.Random, number: int) -> tuple[bytes, str, str]:
+def generate(world, rng: random.Random, number: int) -> tuple[bytes, str, str, str]:
+    """(file bytes, suffix, description, mutation class) of case `number`."""
     if number % 11 == 10:
         kind = rng.choice(sorted(world.wrong_kind))
         data = world.wrong_kind[kind]
         suffix = ".pt" if kind.endswith(".pt") else ".safetensors"
         if kind == "native.pt" and rng.random() < 0.6:
             data, what = flip_bytes(data, rng)
-            return data, suffix, f"wrong kind {kind}, {what}"
+            return data, suffix, f"wrong kind {kind}, {what}", f"damaged {kind}"
         if kind in ("lora", "diff") and rng.random() < 0.7:
             data, what = rng.choice([replace_any_tensor, replace_any_tensor, flip_bytes])(data, rng)
-            return data, suffix, f"wrong kind {kind}, {what}"
-        return data, suffix, f"wrong kind {kind}"
+            return data, suffix, f"wrong kind {kind}, {what}", f"damaged {kind}"
+        return data, suffix, f"wrong kind {kind}", f"wrong kind ({kind})"
     seed_name = rng.choice(sorted(world.seeds))
     data = world.seeds[seed_name]
-    descriptions = []
+    descriptions, applied = [], []
     for _ in range(1 if rng.random() < 0.8 else 2):
         mutation = rng.choice(MUTATIONS)
+        applied.append(mutation.__name__)
         try:
             data, what = mutation(data, rng)
         except Exception:
             what = f"{mutation.__name__} not applicable"  # a second mutation on an already broken file
         descriptions.append(what)
-    return data, ".safetensors", f"{seed_name}: " + "; ".join(descriptions)
+    return data, ".safetensors", f"{seed_name}: " + "; ".join(descriptions), " + ".join(applied)
 
 
 def fuzz(world, cases: int, seed: int) -> dict:
@@ -660,19 +662,22 @@ def fuzz(world, cases: int, seed: int) -> dict:
     names = list(ENTRY_POINTS)
     outcomes = collections.Counter()
     per_entry = collections.defaultdict(collections.Counter)
+    per_class = collections.defaultdict(collections.Counter)
     failures = []
     started = time.time()
     for number in range(cases):
-        data, suffix, description = generate(world, rng, number)
+        data, suffix, description, mutation_class = generate(world, rng, number)
         entry_name = names[number % len(names)]
         outcome, detail = run_case(world, data, suffix, entry_name)
         outcomes[outcome] += 1
         per_entry[entry_name][outcome] += 1
+        per_class[mutation_class][outcome] += 1
         if outcome not in ("valid", "SaraFileError"):
             failures.append({"case": number, "input": description, "entry": entry_name, "outcome": outcome,
                              "detail": detail})
     return {"cases": cases, "seed": seed, "seconds": round(time.time() - started, 1),
             "outcomes": dict(outcomes), "per_entry_point": {k: dict(v) for k, v in per_entry.items()},
+            "per_mutation": {k: dict(v) for k, v in sorted(per_class.items())},
             "failures": failures,
             "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
 

@@ -468,8 +468,9 @@ def folder_digest(folder) -> dict:
 
 
 def kill_during_folder_merges(source, base_folder, out, kills, rng):
-    """SIGKILL `sara merge --base <folder>` at random moments over an older merge (scale 0.5);
-    after each kill, and the reclaim the next run does first, `out` is the old or the new merge."""
+    """SIGKILL `sara merge --base <folder>` over an older merge (scale 0.5), every other time at a
+    random moment and otherwise just after its temporary folder appears (so some kills land in the
+    write); after each kill, and the reclaim the next run does first, `out` is the old or the new merge."""
     argv = ["merge", f"{source}:0.5", "--base", str(base_folder), "-o", str(out), "--base-model", "sd_v1",
             "--overwrite"]
     assert cli.main(argv) == 0
@@ -478,12 +479,19 @@ def kill_during_folder_merges(source, base_folder, out, kills, rng):
     new = folder_digest(out)
     assert cli.main(argv) == 0
     survived = during_write = 0
-    for _ in range(kills):
+    for number in range(kills):
         process = subprocess.Popen([sys.executable, "-c", MERGER, *[a.replace(":0.5", ":1") for a in argv]],
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                    env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
         assert process.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.0, 2.5))
+        if number % 2:
+            deadline = time.time() + 120
+            while process.poll() is None and time.time() < deadline and \
+                    not any(".sara-tmp-" in name for name in os.listdir(os.path.dirname(out))):
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.3))
+        else:
+            time.sleep(rng.uniform(0.0, 2.5))
         process.send_signal(signal.SIGKILL)
         process.wait()
         during_write += any(".sara-" in name for name in os.listdir(os.path.dirname(out)))
