@@ -489,7 +489,7 @@ def kill_during_folder_merges(source, base_folder, out, kills, rng):
             while process.poll() is None and time.time() < deadline and \
                     not any(".sara-tmp-" in name for name in os.listdir(os.path.dirname(out))):
                 time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.03))
         else:
             time.sleep(rng.uniform(0.0, 2.5))
         process.send_signal(signal.SIGKILL)
