@@ -385,6 +385,7 @@ def load_sara(pipe_or_model, path_or_paths: Union[str, os.PathLike, Sequence[Uni
     Several files (in one call or several) stack: each network adds its delta on top of the
     previous ones. Modules for a text encoder the host lacks are skipped with a warning. Call it
     after moving the pipeline to its device and dtype (the deltas are created there, in fp32).
+    Every file is read and checked before the model changes: when one fails, none is loaded.
     Returns the networks this call loaded."""
     paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
     scales = _scales(scale, len(paths))
