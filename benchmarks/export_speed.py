@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
-from memory_speed import ARCHS, build_unet  # noqa: E402
+from memory_speed import build_unet  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,

@@ -143,7 +143,7 @@ def plot_analysis(result: Analysis, path: str, title: str = "") -> None:
 # inspect
 def file_kind(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
     """'native', 'lora', 'diff' or 'unknown'."""
-    if metadata.get("sara_format") == fileformat.FORMAT_NAME:
+    if isinstance(metadata, Mapping) and metadata.get("sara_format") == fileformat.FORMAT_NAME:
         return "native"
     suffixes = {fileformat.split_key(key)[1] for key in tensors}
     if suffixes & set(fileformat.LORA_SUFFIXES):
@@ -158,19 +158,22 @@ def value_stats(values: torch.Tensor) -> dict:
     if not values.numel():
         return {"count": 0}
     finite = values[torch.isfinite(values)]
+    if not finite.numel():
+        return {"count": values.numel(), "nonfinite": values.numel()}
     return {"count": values.numel(), "nonfinite": values.numel() - finite.numel(),
             "min": float(finite.min()), "max": float(finite.max()), "mean_abs": float(finite.abs().mean()),
             "rms": float(finite.square().mean().sqrt()), "zeros": int((finite == 0).sum())}
 
 
 def module_summaries(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str,
-                     progress: Callable = convert._no_progress) -> tuple[str, dict[str, dict], torch.Tensor]:
+                     progress: Callable = convert._no_progress,
+                     allow_non_finite: bool = False) -> tuple[str, dict[str, dict], torch.Tensor]:
     """(kind, {name: {"shape", "stored", "entries"}}, all delta values) of an adapter file; a native
     or diff file is fully validated / decoded, a LoRA is expanded module by module."""
     kind = file_kind(tensors, metadata)
     modules, values = {}, []
     if kind == "native":
-        for delta in fileformat.parse_native(tensors, metadata, path):
+        for delta in fileformat.parse_native(tensors, metadata, path, allow_non_finite):
             modules[delta.name] = {"shape": delta.shape, "stored": int(delta.indices.numel()), "entries": delta.numel}
             values.append(delta.values)
     elif kind == "diff":
@@ -205,10 +208,10 @@ def base_match(modules: Mapping[str, dict], metadata: Mapping[str, str], base: "
 
 
 def inspect_file(path: str, base: Optional["convert.BaseModel"] = None,
-                 progress: Callable = convert._no_progress) -> dict:
+                 progress: Callable = convert._no_progress, allow_non_finite: bool = False) -> dict:
     """Everything `sara inspect` prints about an adapter file."""
     tensors, metadata = fileformat.read_tensors(path)
-    kind, modules, values = module_summaries(tensors, metadata, path, progress)
+    kind, modules, values = module_summaries(tensors, metadata, path, progress, allow_non_finite)
     blocks: dict[str, list[int]] = OrderedDict()
     for name, module in modules.items():
         counts = blocks.setdefault(block_name(name), [0, 0])

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import Optional, Sequence
 
 import torch
@@ -68,6 +69,7 @@ def cmd_to_lora(args) -> None:
     rule = convert.RankRule(args.rank, args.energy, args.max_error, args.max_rank)
     result = convert.to_lora(deltas, rule, version, args.svd, DTYPES[args.dtype], progress_bars(args.quiet),
                              args.uniform_rank)
+    _refuse_non_finite(result.tensors, args.input, f"the LoRA factors overflow {args.dtype}; use --dtype fp32")
     shapes = {d.name: d.shape for d in deltas}
     conv_ranks = [m.rank for m in result.modules if len(shapes[m.name]) == 4]
     extra = {"sara_lora_conversion": json.dumps({"source": os.path.basename(args.input), "svd": args.svd,
@@ -96,7 +98,7 @@ def cmd_to_lora(args) -> None:
 
 def cmd_to_diff(args) -> None:
     _check_output(args.output, args, [args.input])
-    deltas, metadata = fileformat.load_native(args.input)
+    deltas, metadata = fileformat.load_native(args.input, args.allow_non_finite)
     version = _version(deltas, metadata, args.base_model)
     dtype = DTYPES[args.dtype]
     tensors = convert.to_diff(deltas, dtype, progress_bars(args.quiet))
@@ -107,6 +109,13 @@ def cmd_to_diff(args) -> None:
     fileformat.save_tensors(args.output, tensors, out_metadata)
     print(f"wrote {args.output}: {len(deltas)} diff modules ({args.dtype})"
           + (f", {len(fillers)} zero OpenCLIP attention fillers" if fillers else ""))
+
+
+def _refuse_non_finite(tensors, source: str, problem: str) -> None:
+    """A conversion of finite input never writes NaN / Inf: it stops and says why instead."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SaraFileError(f"{source}: {name}: {problem}")
 
 
 def _native_metadata(source: dict, version: str, output: str, extra: dict) -> dict:
@@ -186,8 +195,13 @@ def cmd_merge(args) -> None:
     inputs = _scaled_inputs(args.inputs)
     _check_output(args.output, args, [path for path, _ in inputs] + [args.base])
     progress = progress_bars(args.quiet)
-    loaded = [(fileformat.load_native(path), scale) for path, scale in progress(inputs, desc="read", unit="file")]
+    loaded = [(fileformat.load_native(path, args.allow_non_finite), scale)
+              for path, scale in progress(inputs, desc="read", unit="file")]
     deltas = convert.merge_natives([(d, scale) for (d, _), scale in loaded], progress)
+    if not args.allow_non_finite:
+        dtype = DTYPES[args.dtype] if args.base is None and args.dtype else torch.float32
+        _refuse_non_finite({d.name: d.values.to(dtype) for d in deltas}, " + ".join(p for p, _ in inputs),
+                           "the scaled sum overflows " + str(dtype).replace("torch.", ""))
     if args.base is None:
         first = loaded[0][0][1]
         hashes = {m.get("sara_base_hash") for (_, m), _ in loaded}
@@ -223,7 +237,7 @@ def _print_report(report: dict, indent: str = "") -> None:
 
 def cmd_inspect(args) -> None:
     base = convert.load_base(args.base, args.base_model) if args.base else None
-    report = analysis.inspect_file(args.input, base, progress_bars(args.quiet))
+    report = analysis.inspect_file(args.input, base, progress_bars(args.quiet), args.allow_non_finite)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -262,13 +276,20 @@ def cmd_analyze(args) -> None:
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sara", description="Convert, merge, inspect and analyse SaRA files.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     def command(name: str, function, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(function=function)
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the traceback of an error")
         return sub
+
+    def allow_non_finite(sub):
+        sub.add_argument("--allow-non-finite", action="store_true",
+                         help="read a native file holding NaN / Inf deltas instead of refusing it")
 
     def base_model(sub):
         sub.add_argument("--base-model", choices=list(convert.BASE_MODELS),
@@ -310,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     output(sub)
     sub.add_argument("--dtype", choices=list(DTYPES), default="fp16",
                      help="fp16 (default) or fp32; bf16 rounds the patched base weights in A1111")
+    allow_non_finite(sub)
     base_model(sub)
 
     sub = command("from-diff", cmd_from_diff, "LyCORIS diff file -> native SaRA file (its exact nonzero support)")
@@ -339,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     overwrite(sub)
     sub.add_argument("--base", help=f"the base model to bake into: {convert.BASE_KINDS}")
     sub.add_argument("--dtype", choices=list(DTYPES), help="value dtype of a merged native file (default fp32)")
+    allow_non_finite(sub)
     base_model(sub)
 
     sub = command("inspect", cmd_inspect, "show a native / LoRA / diff file: metadata, sizes, densities, values")
@@ -346,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--base", help="check that this base model fits the file (modules, shapes, base hash): "
                                     + convert.BASE_KINDS)
     sub.add_argument("--json", action="store_true")
+    allow_non_finite(sub)
     base_model(sub)
 
     sub = command("analyze", cmd_analyze, "|w| distribution of a base model, thresholds per block, budget")
@@ -361,12 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(error: BaseException) -> str:
+    """One line for any failure: the message (which names the file) of the errors bad input
+    raises, the type too for anything else (a bug: --debug shows where)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    elif not isinstance(error, (SaraFileError, ValueError, OSError)):
+        text = f"internal error ({type(error).__name__}: {text}); run with --debug and report it"
+    return text[:2000]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.function(args)
-    except (SaraFileError, ValueError, OSError) as error:
-        _say(f"sara {args.command}: error: {error}")
+    except Exception as error:  # every failure is one line on stderr and exit status 1
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        _say(f"sara {args.command}: error: {error_line(error)}")
         return 1
     return 0
 

@@ -20,7 +20,7 @@ import json
 import math
 import re
 import warnings
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -157,12 +157,23 @@ def to_diff(deltas: Sequence[ModuleDelta], dtype: torch.dtype = torch.float16,
     """LyCORIS `full` tensors: `<name>.diff` in the weight's exact shape, `.diff_b` for bias deltas."""
     tensors = {}
     for delta in progress(deltas, desc="diff", unit="module"):
-        tensors[f"{delta.name}.diff"] = delta.dense(torch.float32).to(dtype).contiguous()
+        tensors[f"{delta.name}.diff"] = _cast_finite(delta.dense(torch.float32), dtype, delta.name).contiguous()
         if delta.bias_indices is not None and delta.bias_indices.numel():
             bias = torch.zeros(delta.shape[0], dtype=torch.float32)
             bias[delta.bias_indices.long()] = delta.bias_values.to(torch.float32)
-            tensors[f"{delta.name}.diff_b"] = bias.to(dtype)
+            tensors[f"{delta.name}.diff_b"] = _cast_finite(bias, dtype, delta.name)
     return tensors
+
+
+def _cast_finite(values: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """values.to(dtype), refused when a finite value would become Inf (beyond fp16's 65504)."""
+    cast = values.to(dtype)
+    overflow = torch.isfinite(values) & ~torch.isfinite(cast)
+    if bool(overflow.any()):
+        largest = float(values[overflow].abs().max())
+        raise SaraFileError(f"module {name}: a delta of {largest:.4g} does not fit {dtype} (it would be stored as "
+                            "Inf); write fp32 (--dtype fp32)")
+    return cast
 
 
 def _support(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,8 +468,15 @@ def lora_module_delta(name: str, parts: Mapping[str, torch.Tensor], path: str = 
         what = "a diff (use from-diff)" if set(parts) & set(DIFF_SUFFIXES) else f"suffixes {sorted(parts)}"
         raise SaraFileError(f"{path}: module {name}: expected lora_up.weight + lora_down.weight (+ alpha), "
                             f"found {what}")
+    alpha_part = parts.get("alpha")
+    if not all(t.dim() in (2, 4) and t.is_floating_point() and t.shape[0] > 0 for t in (up, down)) \
+            or alpha_part is not None and (alpha_part.numel() != 1 or not alpha_part.is_floating_point()):
+        raise SaraFileError(f"{path}: module {name}: lora_up / lora_down must be 2-D or 4-D floating tensors and "
+                            f"alpha one floating number; found up {up.dtype} {tuple(up.shape)}, down {down.dtype} "
+                            f"{tuple(down.shape)}" + ("" if alpha_part is None else
+                                                      f", alpha {alpha_part.dtype} {tuple(alpha_part.shape)}"))
     rank = down.shape[0]
-    alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+    alpha = float(alpha_part) if alpha_part is not None else float(rank)
     scale = alpha / rank
     up32, down32 = up.to(torch.float32), down.to(torch.float32)
     try:
@@ -793,6 +811,10 @@ def bake(base: BaseModel, deltas: Sequence[ModuleDelta], source: str = "the SaRA
     network = SaraNetwork()
     network.adopt_deltas(base.targets, deltas, source)
     network.merge_into_base(1.0, progress)
+    for module in network.sara_modules():
+        if not bool(torch.isfinite(module.base.weight).all()):
+            raise SaraFileError(f"{source}: module {module.sara_name}: the merged weight holds NaN or Inf (the deltas "
+                                f"overflow the base's {module.base.weight.dtype}, or the base already held them)")
 
 
 def write_merged(base: BaseModel, output: str) -> None:
@@ -800,17 +822,14 @@ def write_merged(base: BaseModel, output: str) -> None:
     re-saved as safetensors, every other subfolder copied), atomically (built aside, then renamed)."""
     import os
     import shutil
-    import tempfile
 
-    from .fileformat import save_tensors
+    from .fileformat import atomic_folder, give_plain_modes, save_tensors
 
     if base.state_dict is not None:
         save_tensors(output, base.state_dict, base.metadata, with_hash=False)
         return
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
-    try:  # a model folder ("" in models) is re-saved whole; a pipeline's other subfolders are copied
+    with atomic_folder(output) as staging:
+        # a model folder ("" in models) is re-saved whole; a pipeline's other subfolders are copied
         for entry in ([] if "" in base.models else os.listdir(base.path)):
             if entry not in base.models:
                 source = os.path.join(base.path, entry)
@@ -818,9 +837,4 @@ def write_merged(base: BaseModel, output: str) -> None:
                 copy(source, os.path.join(staging, entry))
         for sub, model in base.models.items():
             model.save_pretrained(os.path.join(staging, sub), safe_serialization=True)
-        if os.path.exists(output):
-            shutil.rmtree(output) if os.path.isdir(output) else os.unlink(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            give_plain_modes(os.path.join(staging, sub))

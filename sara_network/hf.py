@@ -396,16 +396,13 @@ def load_sara(pipe_or_model, path_or_paths: Union[str, os.PathLike, Sequence[Uni
     Several files (in one call or several) stack: each network adds its delta on top of the
     previous ones. Modules for a text encoder the host lacks are skipped with a warning. Call it
     after moving the pipeline to its device and dtype (the deltas are created there, in fp32).
+    Every file is read and checked before the model changes: when one fails, none is loaded.
     Returns the networks this call loaded."""
     paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
     scales = _scales(scale, len(paths))
-    state = _state(pipe_or_model, create=True)
-    was_fused = state.fused is not None
-    if was_fused:
-        unfuse_sara(pipe_or_model)
     denoiser, encoders = _host_models(pipe_or_model)
     loaded = []
-    for path, multiplier in zip(paths, scales):
+    for path, multiplier in zip(paths, scales):  # every file is read and checked before the model changes
         network = SaraDiffusersNetwork(SaraConfig(), multiplier, denoiser, encoders)
         network.load_file(os.fspath(path), skip_missing_components=True)
         try:
@@ -414,9 +411,14 @@ def load_sara(pipe_or_model, path_or_paths: Union[str, os.PathLike, Sequence[Uni
             pass  # settings of a file from another version: informative only at inference
         network.requires_grad_(False)
         network.eval()
+        loaded.append(network)
+    state = _state(pipe_or_model, create=True)
+    was_fused = state.fused is not None
+    if was_fused:
+        unfuse_sara(pipe_or_model)
+    for network in loaded:
         network.patch()
         state.networks.append(network)
-        loaded.append(network)
     if was_fused:
         fuse_sara(pipe_or_model)
     return loaded

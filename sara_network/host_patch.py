@@ -151,18 +151,21 @@ def patch_checkpoint_(state_dict: dict[str, torch.Tensor], deltas: Iterable[Modu
                       arch: ldm_names.ArchLike, multiplier: float = 1.0) -> list[str]:
     """Add multiplier * delta to an LDM checkpoint state dict in place (fp32 math, dtypes kept; an
     OpenCLIP q/k/v lands on its third of in_proj_weight). Returns the names with no key in it."""
-    missing = []
-    for delta in deltas:
+    deltas, missing, present = list(deltas), [], []
+    for delta in deltas:  # every module is checked before the first one is changed
         target = ldm_names.checkpoint_key(delta.name, arch)
         if target.key not in state_dict:
             missing.append(delta.name)
             continue
+        if delta.bias_indices is not None and target.bias_key not in state_dict:
+            raise SaraFileError(f"{delta.name}: the file trains a bias but the checkpoint has no {target.bias_key}")
+        if target.view(state_dict[target.key]).numel() != delta.numel:
+            _fit(torch.empty(delta.shape, device="meta"), tuple(target.view(state_dict[target.key]).shape), delta.name)
+        present.append((delta, target))
+    for delta, target in present:
         weight_update, bias_update = module_delta(delta, multiplier=multiplier)
         for key, update in ((target.key, weight_update), (target.bias_key, bias_update)):
-            if update is None:
-                continue
-            if key not in state_dict:
-                raise SaraFileError(f"{delta.name}: the file trains a bias but the checkpoint has no {key}")
-            part = target.view(state_dict[key])
-            part.copy_((part.to(torch.float32) + _fit(update, tuple(part.shape), delta.name)).to(part.dtype))
+            if update is not None:
+                part = target.view(state_dict[key])
+                part.copy_((part.to(torch.float32) + _fit(update, tuple(part.shape), delta.name)).to(part.dtype))
     return missing

@@ -101,7 +101,7 @@ class SaraKohyaNetwork(SaraNetwork):
                 return
             targets = self._targets(text_encoders, unet, apply_text_encoder, apply_unet, self.config.preset)
             if self._pending_deltas is not None:
-                deltas = [d for d in self._pending_deltas if any(t.name == d.name for t in targets)]
+                deltas = self._applied_deltas(self._pending_deltas, "the weights file")
                 self.adopt_deltas(targets, deltas, "the weights file")
                 self.check_base_hash(self.source_metadata.get("sara_base_hash"), "the weights file")
                 self._pending_deltas = None
@@ -112,27 +112,34 @@ class SaraKohyaNetwork(SaraNetwork):
         self.patch()
         self.attach_optimizer_hooks()
 
+    def _applied_deltas(self, deltas: list, file: str) -> list:
+        """The file's modules of the components apply_to was asked to train
+        (--network_train_unet_only / --network_train_text_encoder_only): kohya runs the other one
+        without gradients, so its deltas would be moved by the rank term alone. Like kohya's LoRA,
+        leave them out (logged); every kept module must then exist in the model."""
+        apply_text_encoder, apply_unet = self._apply_flags
+        if apply_text_encoder and apply_unet:
+            return deltas
+        kept = [d for d in deltas if d.name.startswith("lora_unet_") == bool(apply_unet)]
+        untrained = "text encoder" if apply_unet else "U-Net"
+        if len(kept) < len(deltas):
+            logger.info(f"SaRA: {len(deltas) - len(kept)} {untrained} modules of {file} are not loaded: "
+                        f"the {untrained} is not trained in this run")
+        if not kept:
+            trained = "U-Net" if apply_unet else "text encoders"
+            raise fileformat.SaraFileError(f"{file} has no modules for the {trained} trained in this run")
+        return kept
+
     def load_weights(self, file: str) -> str:
-        """Load a native file (resume / --network_weights). Its support replaces the selection."""
+        """Load a native file (resume / --network_weights). Its support replaces the selection;
+        a file that is damaged or does not fit changes nothing."""
         self.refuse_file(f"--network_weights ({file})")
         deltas, metadata = fileformat.load_native(file)
         text_encoders, unet = self._models
         apply_text_encoder, apply_unet = self._apply_flags
         prefixes = text_encoder_prefixes(text_encoders) if text_encoders else []
-        # Only the components apply_to was asked to train (--network_train_unet_only /
-        # --network_train_text_encoder_only): kohya runs the other one without gradients, so its
-        # deltas would be moved by the rank term alone. Like kohya's LoRA, leave them out.
         targets = all_targets(unet if apply_unet else None, text_encoders if apply_text_encoder else [], prefixes)
-        if not (apply_text_encoder and apply_unet):
-            kept = [d for d in deltas if d.name.startswith("lora_unet_") == bool(apply_unet)]
-            untrained = "text encoder" if apply_unet else "U-Net"
-            if len(kept) < len(deltas):
-                logger.info(f"SaRA: {len(deltas) - len(kept)} {untrained} modules of {file} are not loaded: "
-                            f"the {untrained} is not trained in this run")
-            deltas = kept
-            if not deltas:
-                trained = "U-Net" if apply_unet else "text encoders"
-                raise fileformat.SaraFileError(f"{file} has no modules for the {trained} trained in this run")
+        deltas = self._applied_deltas(deltas, file)
         self.adopt_deltas(targets, deltas, file)
         self.adopt_file_settings(metadata)
         self._applied = True

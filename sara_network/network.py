@@ -15,7 +15,7 @@ import logging
 import math
 import weakref
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -512,39 +512,49 @@ class SaraNetwork(nn.Module):
     def adopt_deltas(self, targets: Sequence[Target], deltas: Sequence[ModuleDelta], source: str = "<file>") -> None:
         """Replace the selection with the support of `deltas` and load their values, all or nothing.
 
-        Every file module must name a target of this model with the same weight shape; nothing is
-        changed when any check fails.
+        Every file module must name a target of this model with the same weight shape; the new
+        modules are built completely before the old ones are removed, so nothing is changed when
+        any check fails.
         """
         by_name = {t.name: t for t in targets}
-        problems = []
+        problems, seen = [], set()
         for delta in deltas:
             target = by_name.get(delta.name)
-            if target is None:
+            if delta.name in seen:
+                problems.append(f"{delta.name}: given twice")
+            elif target is None:
                 problems.append(f"{delta.name}: no such module in this model")
             elif tuple(target.module.weight.shape) != tuple(delta.shape):
                 problems.append(f"{delta.name}: shape {tuple(delta.shape)} in the file, "
                                 f"{tuple(target.module.weight.shape)} in the model")
+            elif not delta.indices.numel():
+                problems.append(f"{delta.name}: no entries")
             elif delta.bias_indices is not None and target.module.bias is None:
                 problems.append(f"{delta.name}: the file has bias deltas but the model layer has no bias")
+            elif delta.bias_indices is not None and delta.bias_indices.numel() and \
+                    int(delta.bias_indices.max()) >= target.module.bias.numel():
+                problems.append(f"{delta.name}: bias indices beyond the model's {target.module.bias.numel()} biases")
+            seen.add(delta.name)
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise SaraFileError(f"{source} does not fit this model (is it for another base model?): {shown}")
+        fresh = []
+        with torch.no_grad():
+            for delta in deltas:
+                module = SaraModule(by_name[delta.name], delta.indices, delta.bias_indices)
+                module.multiplier = self.multiplier
+                module.delta.copy_(delta.values.to(torch.float32))
+                if delta.bias_values is not None and module.bias_delta is not None:
+                    module.bias_delta.copy_(delta.bias_values.to(torch.float32))
+                if delta.frozen is not None:
+                    module.freeze_positions(delta.frozen.nonzero().reshape(-1))
+                fresh.append(module)
         was_patched = any(m._original_forward is not None for m in self.sara_modules())
         self.unpatch()
         for module in self.sara_modules():
             delattr(self, module.sara_name)
-        used = [by_name[d.name] for d in deltas]
-        self.add_targets(used, {d.name: d.indices for d in deltas},
-                         {d.name: d.bias_indices for d in deltas if d.bias_indices is not None})
-        modules = dict(self.named_children())
-        with torch.no_grad():
-            for delta in deltas:
-                module = modules[delta.name]
-                module.delta.copy_(delta.values.to(torch.float32))
-                if delta.bias_values is not None:
-                    module.bias_delta.copy_(delta.bias_values.to(torch.float32))
-                if delta.frozen is not None:
-                    module.freeze_positions(delta.frozen.nonzero().reshape(-1))
+        for module in fresh:
+            self.add_module(module.sara_name, module)
         self.base_hash = fileformat.base_fingerprint((m.sara_name, m.base.weight) for m in self.sara_modules())
         if was_patched:
             self.patch()
@@ -638,14 +648,17 @@ class SaraNetwork(nn.Module):
         merged.update(self.file_metadata())
         fileformat.save_native(path, self.deltas(), dtype, merged)
 
-    def adopt_file_settings(self, metadata: dict) -> None:
-        """Keep a loaded file's metadata and take over its per-component thresholds."""
-        self.source_metadata = dict(metadata)
+    def adopt_file_settings(self, metadata: Mapping[str, str]) -> None:
+        """Keep a loaded file's metadata and take over its per-component thresholds (metadata as
+        fileformat.validate_metadata accepts it; anything else is refused before a change)."""
         try:
             thresholds = json.loads(metadata.get("sara_thresholds", "{}"))
-        except json.JSONDecodeError:
-            thresholds = {}
-        self.thresholds.update({k: float(v) for k, v in thresholds.items()})
+            thresholds = {str(k): float(v) for k, v in thresholds.items()}
+        except (ValueError, TypeError, AttributeError, RecursionError):
+            raise SaraFileError(f"metadata sara_thresholds {metadata.get('sara_thresholds')!r:.80} is not a JSON "
+                                "object of numbers") from None
+        self.source_metadata = dict(metadata)
+        self.thresholds.update(thresholds)
 
     def component_lr(self, component: str, given: Optional[float]) -> Optional[float]:
         """The learning rate of a component: the `lr` option ('auto' or a number) over the host's."""

@@ -207,7 +207,7 @@ def test_bad_inputs_fail_cleanly(files, tmp_path, capsys):
         assert "error:" in error and message in error, (argv, error)
         assert not out.exists(), argv
     assert existing.read_bytes() == b"keep"
-    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+    assert not [name for name in os.listdir(tmp_path) if ".sara-tmp-" in name]
 
 
 def test_tools_script_runs(files, tmp_path):
