@@ -16,7 +16,8 @@ from common import parse_markdown_table  # noqa: E402
 # Seconds each smoke script may run: 3x the longest wall time measured on the shared 2-core machine
 # with about eight CPU-bound jobs beside it (memory_speed 59-79 s, quality 102-115 s, premise 40-54 s;
 # CPU time 15 s, 18 s, 13 s). One limit per script, so a slow one cannot take the others down with it.
-SMOKE_SECONDS = {"memory_speed.py": 240, "quality.py": 360, "premise.py": 180}
+SMOKE_SECONDS = {"memory_speed.py": 240, "quality.py": 360, "premise.py": 180, "export_speed.py": 240,
+                 "sparse_passes.py": 180}
 PYTEST_SLACK = 60  # the test's own limit on top: interpreter start, parsing the tables
 
 
@@ -124,3 +125,24 @@ def test_premise_table(tmp_path):
     for record in data["records"]:
         assert record["zeroed"] == record["count"]  # exact-count threshold (no ties in fp32 random init)
     assert (smoke_out / "premise.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(SMOKE_SECONDS["export_speed.py"] + PYTEST_SLACK)
+def test_export_speed_table(tmp_path):
+    run_smoke("export_speed.py", tmp_path)
+    columns, rows = parse_markdown_table((tmp_path / "export_speed.md").read_text())
+    assert [row[columns.index("command")].split()[1] for row in rows] == ["to-lora", "to-diff", "merge", "inspect"]
+    assert all(row[columns.index("exit")] == "0" for row in rows)
+
+
+@pytest.mark.timeout(SMOKE_SECONDS["sparse_passes.py"] + PYTEST_SLACK)
+def test_sparse_passes_records(tmp_path):
+    out = tmp_path / "sparse_passes.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sparse_passes.py"), "--arch", "tiny",
+                           "--budgets", "5k", "--code", str(REPO), "--steps", "1", "--out", str(out)],
+                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=SMOKE_SECONDS["sparse_passes.py"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert [r["budget"] for r in records] == [0, 5000]
+    assert records[1]["selected"] == 5000 and records[1]["sara_network"] == str(REPO / "sara_network")
