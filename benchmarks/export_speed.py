@@ -91,7 +91,8 @@ def timed(arguments: list[str], folder: str) -> dict:
     load = os.getloadavg()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # more threads spin on a shared machine
     proc = subprocess.run([sys.executable, "-m", "sara_network.cli", *arguments], capture_output=True, text=True,
                           env=env)
     wall = time.perf_counter() - start
