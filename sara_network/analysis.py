@@ -173,7 +173,7 @@ def module_summaries(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
     kind = file_kind(tensors, metadata)
     modules, values = {}, []
     if kind == "native":
-        for delta in fileformat.parse_native(tensors, metadata, path, allow_non_finite):
+        for delta in fileformat.parse_native(tensors, metadata, path, allow_non_finite, progress):
             modules[delta.name] = {"shape": delta.shape, "stored": int(delta.indices.numel()), "entries": delta.numel}
             values.append(delta.values)
     elif kind == "diff":

@@ -64,7 +64,7 @@ def _version(deltas_or_names, metadata, given: Optional[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 def cmd_to_lora(args) -> None:
     _check_output(args.output, args, [args.input])
-    deltas, metadata = fileformat.load_native(args.input)
+    deltas, metadata = fileformat.load_native(args.input, progress=progress_bars(args.quiet))
     version = _version(deltas, metadata, args.base_model)
     rule = convert.RankRule(args.rank, args.energy, args.max_error, args.max_rank)
     result = convert.to_lora(deltas, rule, version, args.svd, DTYPES[args.dtype], progress_bars(args.quiet),
@@ -98,7 +98,7 @@ def cmd_to_lora(args) -> None:
 
 def cmd_to_diff(args) -> None:
     _check_output(args.output, args, [args.input])
-    deltas, metadata = fileformat.load_native(args.input, args.allow_non_finite)
+    deltas, metadata = fileformat.load_native(args.input, args.allow_non_finite, progress_bars(args.quiet))
     version = _version(deltas, metadata, args.base_model)
     dtype = DTYPES[args.dtype]
     tensors = convert.to_diff(deltas, dtype, progress_bars(args.quiet))

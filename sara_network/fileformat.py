@@ -29,6 +29,8 @@ from typing import BinaryIO, Iterable, Iterator, Mapping, Optional
 
 import torch
 
+from .progress import Progress, no_progress
+
 FORMAT_NAME = "sara-network/native"
 FORMAT_VERSION = "1"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -696,7 +698,7 @@ def validate_metadata(metadata: Mapping[str, str], module_names: Iterable[str], 
 
 
 def parse_native(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str = "<memory>",
-                 allow_non_finite: bool = False) -> list[ModuleDelta]:
+                 allow_non_finite: bool = False, progress: Progress = no_progress) -> list[ModuleDelta]:
     """Validate a native file's tensors and metadata completely and return its module deltas.
     NaN / Inf deltas are refused unless `allow_non_finite`."""
     if not isinstance(metadata, Mapping) or metadata.get("sara_format") != FORMAT_NAME:
@@ -717,7 +719,7 @@ def parse_native(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         raise _fail(path, "the file holds no modules")
     counts = validate_metadata(metadata, grouped, path)
     deltas = []
-    for name in sorted(grouped):
+    for name in progress(sorted(grouped), desc="read", unit="module"):
         delta = parse_module(name, grouped[name], path, allow_non_finite)
         _check(counts[name] == delta.indices.numel(), path, name,
                f"metadata sara_counts says {counts[name]} entries, the file has {delta.indices.numel()}")
@@ -725,7 +727,8 @@ def parse_native(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     return deltas
 
 
-def load_native(path: str, allow_non_finite: bool = False) -> tuple[list[ModuleDelta], dict[str, str]]:
+def load_native(path: str, allow_non_finite: bool = False,
+                progress: Progress = no_progress) -> tuple[list[ModuleDelta], dict[str, str]]:
     """Read and fully validate a native SaRA file (NaN / Inf refused unless `allow_non_finite`)."""
     tensors, metadata = read_tensors(path)
-    return parse_native(tensors, metadata, os.fspath(path), allow_non_finite), metadata
+    return parse_native(tensors, metadata, os.fspath(path), allow_non_finite, progress), metadata

@@ -142,3 +142,24 @@ def test_apply_sara_on_a_non_sd_diffusers_model_records_custom(tmp_path, capsys)
     assert run("to-diff", tmp_path / "hf.safetensors", tmp_path / "diff.safetensors") == 0
     assert run("inspect", tmp_path / "hf.safetensors", "--base", BASE_PATH) == 0
     assert "hash_matches: True" in capsys.readouterr().out
+
+
+def test_reading_a_native_file_reports_progress_per_module(tmp_path):
+    """inspect / to-lora / to-diff read large files through a progress hook: it sees every module."""
+    from sara_network import hf
+    from sara_network.fileformat import load_native
+
+    network = hf.apply_sara(load_base(), density=0.01, progressive_iter="off")
+    path = str(tmp_path / "hf.safetensors")
+    network.save(path)
+    network.unpatch()
+    seen = []
+
+    def recording(items, **kwargs):
+        for item in items:
+            seen.append((kwargs["desc"], item))
+            yield item
+
+    deltas, _ = load_native(path, progress=recording)
+    assert [name for _, name in seen] == sorted(d.name for d in deltas) and {d for d, _ in seen} == {"read"}
+    assert [d.name for d in deltas] == [d.name for d in load_native(path)[0]]
