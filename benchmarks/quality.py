@@ -39,11 +39,19 @@ SARA_VARIANTS = {
     "sara_grad": dict(selection="gradient", lambda_rank=0.0, progressive_iter=None),
     "sara_gsmall": dict(selection="gradient_small", lambda_rank=0.0, progressive_iter=None),
     "sara_random": dict(selection="random", lambda_rank=0.0, progressive_iter=None),
+    # the paper's Table 3 ablation: each of its two parts alone
+    "sara_noprog": dict(lambda_rank=5e-3, rank_min_dim=32, progressive_iter=None),
+    "sara_norank": dict(lambda_rank=0.0, progressive_iter=0.5),
+    # the rank term on the update of every Linear and Conv2d (the matrices a LoRA export factorises)
+    "sara_lowrank": dict(lambda_rank=5e-3, rank_target="update", rank_layers="all", rank_convs=True, rank_min_dim=16,
+                         progressive_iter=0.5),
+    "sara_lowrank_x10": dict(lambda_rank=5e-2, rank_target="update", rank_layers="all", rank_convs=True,
+                             rank_min_dim=16, progressive_iter=0.5),
 }
 CALIBRATION_BATCHES = 10  # gradient modes: training batches scored before training (own noise draws)
 SARA_LRS = (1e-3, 2e-3, 4e-3)
-DEFAULT_LR = {"sara": 2e-3, "sara_plain": 2e-3, "sara_grad": 2e-3, "sara_gsmall": 2e-3, "sara_random": 2e-3,
-              "lora": 2e-3, "locon": 2e-3, "lokr": 2e-3, "full": 3e-4, "emb": 2e-3}
+DEFAULT_LR = {**{name: 2e-3 for name in SARA_VARIANTS}, "lora": 2e-3, "locon": 2e-3, "lokr": 2e-3, "full": 3e-4,
+              "emb": 2e-3}
 # Every SaRA sweep includes the paper's rule lr = 1e-3 * exp(-350 * threshold) ("auto").
 SWEEP = {**{name: ("auto",) + SARA_LRS for name in SARA_VARIANTS}, "lora": SARA_LRS,
          "locon": SARA_LRS, "lokr": SARA_LRS, "full": (1e-4, 3e-4, 1e-3), "emb": (2e-3,)}
@@ -55,6 +63,11 @@ DESCRIPTION = {
     "sara_gsmall": "SaRA selection=gradient_small (largest |grad| among the 4x-budget smallest |w| of each layer), "
                    "no rank term, no progressive step",
     "sara_random": "SaRA selection=random (same per-layer counts, uniform positions; control)",
+    "sara_noprog": "SaRA as `sara` without the progressive step (rank term only)",
+    "sara_norank": "SaRA as `sara` without the rank term (progressive step only)",
+    "sara_lowrank": "SaRA as `sara` with the rank term on the update of every Linear and Conv2d with min dim > 16 "
+                    "(rank_target=update, rank_layers=all, rank_convs=true), lambda_rank 5e-3",
+    "sara_lowrank_x10": "as `sara_lowrank` with lambda_rank 5e-2",
     "lora": "PEFT LoRA (inject_adapter_in_model) on all 65 Linear/Conv2d, rank matched, alpha = rank",
     "locon": "LyCORIS LoCon on all Linear/Conv2d, same rank as LoRA, alpha = rank",
     "lokr": "LyCORIS LoKr (full-matrix, factor with the count nearest the budget) on all Linear/Conv2d",
@@ -176,16 +189,49 @@ def run_one(method: str, lr: float, seed: int, args, splits, base_state, base_me
     untouched = [row for row in range(embedding.shape[0]) if row not in args.train_rows]
     with torch.no_grad():
         old_rows_unchanged = bool(torch.equal(embedding[untouched].detach(), base_state["class_embedding.weight"][untouched]))
+    exports = {}
     if hasattr(keep, "sara_modules"):  # the share of the selected entries frozen by the progressive step
         frozen = sum(m.frozen_positions.numel() for m in keep.sara_modules())
         info["frozen_share"] = frozen / max(1, keep.selected_count())
+        exports = exported_metrics(keep, unet, args, base_metrics)
     del keep
     return dict(method=method, lr=lr, seed=seed, steps=args.steps, batch=args.batch, trainable=trainable, task=args.task,
                 info={k: v for k, v in info.items() if v is not None}, new_loss=new_loss, old_loss=old_loss,
                 old_before=base_metrics["old"], new_before=base_metrics["new"], forgetting=old_loss - base_metrics["old"],
                 sample_acc=accuracy, train_s=train_s, final_train_loss=statistics.mean(losses[-20:]),
-                old_rows_unchanged=old_rows_unchanged, samples=[[round(v, 4) for v in img.flatten().tolist()]
+                old_rows_unchanged=old_rows_unchanged, exports=exports, samples=[[round(v, 4) for v in img.flatten().tolist()]
                                                                 for img in samples])
+
+
+def exported_metrics(network, unet, args, base_metrics: dict) -> dict:
+    """What a LoRA user gets: the losses with every SaRA delta replaced by its `sara to-lora` export
+    at each rank of --export_ranks (kohya tensors, fp16 as the command writes them, applied as
+    up @ down * alpha / rank; LoRA files carry no bias, so trained bias entries are dropped; the
+    class-embedding rows stay as trained). Leaves the model unpatched."""
+    import torch
+
+    from sara_network import convert
+    from sara_network.demo import model
+
+    deltas = network.deltas()
+    modules = {m.sara_name: m.base for m in network.sara_modules()}
+    network.unpatch()
+    base_weights = {name: module.weight.detach().clone() for name, module in modules.items()}
+    results = {}
+    for rank in args.export_ranks:
+        lora = convert.to_lora(deltas, convert.RankRule(rank=rank), "sd1")
+        dense = convert.lora_deltas(lora.tensors)
+        with torch.no_grad():
+            for name, delta in dense.items():
+                modules[name].weight.copy_(base_weights[name] + delta.reshape(base_weights[name].shape))
+            new_loss = model.denoising_loss(unet, args.new_eval_images, args.new_eval_labels, seed=0, draws=args.new_draws)
+            old_loss = model.denoising_loss(unet, args.old_eval_images, args.old_eval_labels, seed=0, draws=args.old_draws)
+            for name, weight in base_weights.items():
+                modules[name].weight.copy_(weight)
+        norm_sq = sum(m.norm_sq for m in lora.modules)
+        results[str(rank)] = dict(new_loss=new_loss, old_loss=old_loss, forgetting=old_loss - base_metrics["old"],
+                                  rel_error=math.sqrt(sum(m.error_sq for m in lora.modules) / max(norm_sq, 1e-30)))
+    return results
 
 
 def lr_text(lr) -> str:
@@ -209,7 +255,23 @@ def summarise(records: list[dict]) -> dict:
                         trainable=rs[0]["trainable"], info=rs[0]["info"], new=stats("new_loss"),
                         old=stats("old_loss"), forgetting=stats("forgetting"), acc=stats("sample_acc"),
                         train_s=statistics.mean(r["train_s"] for r in rs), old_before=rs[0]["old_before"],
-                        new_before=rs[0]["new_before"])
+                        new_before=rs[0]["new_before"], exports=_export_stats(rs))
+    return out
+
+
+def _export_stats(records: list[dict]) -> dict:
+    """Per export rank: the mean export losses and how much of the native file's learning gain and
+    forgetting the export keeps (1.0 = the same as the native file), over the seeds that have it."""
+    out = {}
+    for rank in sorted({k for r in records for k in r.get("exports", {})}, key=int):
+        rs = [r for r in records if rank in r.get("exports", {})]
+        mean = lambda f: statistics.mean(f(r) for r in rs)  # noqa: E731
+        out[rank] = dict(seeds=len(rs), new=mean(lambda r: r["exports"][rank]["new_loss"]),
+                         forgetting=mean(lambda r: r["exports"][rank]["forgetting"]),
+                         rel_error=mean(lambda r: r["exports"][rank]["rel_error"]),
+                         learning_kept=mean(lambda r: (r["new_before"] - r["exports"][rank]["new_loss"])
+                                            / (r["new_before"] - r["new_loss"])),
+                         forgetting_ratio=mean(lambda r: r["exports"][rank]["forgetting"] / r["forgetting"]))
     return out
 
 
@@ -251,6 +313,21 @@ def build_markdown(records: list[dict], args, smoke: bool) -> tuple[str, dict]:
     lines += ["## Results", "", common.markdown_table(columns, rows), "",
               "Spread = max − min over the seeds (half of it is the ± around the mean). The probe measured a seed "
               "noise of about 0.0005 on the new-class loss and 0.002 on the old-class loss.", ""]
+    export_rows = [[_label(summary[key]), lr_text(summary[key]["lr"]), rank, e["seeds"], f"{summary[key]['new'][0]:.5f}",
+                    f"{e['new']:.5f}", f"{e['learning_kept']:.0%}", f"{summary[key]['forgetting'][0]:+.5f}",
+                    f"{e['forgetting']:+.5f}", f"{e['forgetting_ratio']:.0%}", f"{e['rel_error']:.0%}"]
+                   for key in sorted(summary, key=lambda k: (order.get(k[0], 9), lr_order(k[1])))
+                   for rank, e in summary[key]["exports"].items()]
+    if export_rows:
+        lines += ["## The LoRA export applied instead of the native file", "",
+                  common.markdown_table(["method", "lr", "rank", "seeds", "native learning-set loss", "export learning-set loss",
+                                         "learning kept", "native forgetting", "export forgetting", "forgetting kept",
+                                         "Frobenius rel. error"], export_rows), "",
+                  "Each SaRA run's deltas exported as `sara to-lora --rank r` does (fp16 kohya tensors, no biases) and "
+                  "applied to the base as up @ down * alpha / rank. 'learning kept': the export's drop of the "
+                  "learning-set loss below the base model's, as a share of the native file's drop; 'forgetting kept': "
+                  "the export's forgetting as a share of the native file's (100% = the same as the native file; "
+                  "the goal is within 10% on both). Frobenius error: ||D - up·down||/||D|| over all modules.", ""]
     # Learning and forgetting trade off through the lr, so no single lr per method is "its best":
     # a point is beaten only by a point that is lower on both (by more than the noise).
     points = [summary[key] for key in sorted(summary, key=lambda k: (order.get(k[0], 9), lr_order(k[1])))]
@@ -285,6 +362,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine more threads spin and run far slower)")
     parser.add_argument("--stem", default="", help="results file name (default quality / quality_sweep)")
     parser.add_argument("--fresh", action="store_true", help="drop earlier records in the results file")
+    parser.add_argument("--export_ranks", default="16",
+                        help="SaRA runs: also measure their rank-r LoRA exports (comma list; '' for none)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.threads = 1
@@ -295,6 +374,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.export_ranks = [int(r) for r in args.export_ranks.split(",") if r]
     methods = [m for m in args.methods.split(",") if m]  # --methods "": rebuild tables, plot, grid from the JSON
     lrs = dict(DEFAULT_LR)
     for item in filter(None, args.lr.split(",")):

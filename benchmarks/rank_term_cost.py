@@ -38,8 +38,8 @@ def main() -> None:
     for module in network.sara_modules():
         module.delta.grad = torch.zeros_like(module.delta)  # eligible once trained
     by_shape = collections.OrderedDict()
-    for module in network.rank_eligible():
-        by_shape.setdefault(module.weight_shape, []).append(module)
+    for module, shape in network.rank_eligible():
+        by_shape.setdefault(shape, []).append(module)
     print(f"{len(network.rank_eligible())} eligible layers, {len(by_shape)} shapes; load {os.getloadavg()}")
     totals = {}
     for method in RANK_METHODS:

@@ -765,13 +765,25 @@ class SaraNetwork(nn.Module):
             handle.remove()
         self._hook_handles = []
 
-    def rank_eligible(self) -> list[SaraModule]:
-        min_dim = self.config.rank_min_dim
-        return [m for m in self.sara_modules()
-                if len(m.weight_shape) == 2 and min(m.weight_shape) > min_dim and m.delta.requires_grad
-                and m.delta.grad is not None]  # a layer the step did not train keeps its deltas
+    def rank_matrix_shape(self, module: SaraModule) -> Optional[tuple[int, int]]:
+        """The matrix the rank term sees: a Linear's weight; with rank_convs a Conv2d's weight as the
+        (out, in*kh*kw) matrix a LoRA export factorises (the flat indices are the same); else None."""
+        shape = module.weight_shape
+        if len(shape) == 2 or self.config.rank_convs and len(shape) == 4:
+            return shape[0], math.prod(shape[1:])
+        return None
 
-    def rank_layers_this_step(self, eligible: list[SaraModule]) -> list[SaraModule]:
+    def rank_eligible(self) -> list[tuple[SaraModule, tuple[int, int]]]:
+        min_dim = self.config.rank_min_dim
+        eligible = []
+        for module in self.sara_modules():
+            shape = self.rank_matrix_shape(module)
+            if shape is not None and min(shape) > min_dim and module.delta.requires_grad \
+                    and module.delta.grad is not None:  # a layer the step did not train keeps its deltas
+                eligible.append((module, shape))
+        return eligible
+
+    def rank_layers_this_step(self, eligible: list) -> list:
         """Every eligible layer (rank_layers=all), or `rank_layers` random ones drawn from a generator
         seeded by (seed, step): every rank of a multi-GPU run picks the same layers, so the deltas
         stay identical across ranks."""
@@ -789,11 +801,11 @@ class SaraNetwork(nn.Module):
         if not eligible:
             return
         norms = []
-        for module in self.rank_layers_this_step(eligible):
+        for module, shape in self.rank_layers_this_step(eligible):
             entries = module.pinned_delta().detach().to(torch.float32)
             if self.config.rank_target == "weights":
                 entries = entries + module.base_values_fp32()
-            grad, norm = rank_penalty_grad(module.weight_shape, module.indices, entries, weight,
+            grad, norm = rank_penalty_grad(shape, module.indices, entries, weight,
                                            self.config.rank_method)
             if module.frozen_positions.numel():
                 grad.index_put_((module.frozen_positions,), torch.zeros((), dtype=grad.dtype))

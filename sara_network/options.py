@@ -172,6 +172,9 @@ OPTIONS: tuple[Option, ...] = (
            "Subgradient of the term: 'svd' (exact) or 'newton_schulz' (matmuls only, approximate; see "
            "regularizers.py)."),
     Option("rank_min_dim", parse_positive_int, 64, "A 2-D layer is eligible when min(out, in) > this (paper: 64)."),
+    Option("rank_convs", parse_bool, False,
+           "Also give the term to Conv2d layers, as the (out, in*kh*kw) matrix a LoRA export factorises "
+           "(the paper and the authors: Linear layers only). Eligible by the same rank_min_dim rule."),
     Option("progressive_iter", parse_progressive_iter, 0.5,
            "Progressive re-selection step: a step count, a fraction of max_train_steps, or 'off'."),
     Option("lr", parse_lr, None, "'auto' uses the paper's rule lr = 1e-3 * exp(-350 * threshold)."),
@@ -201,6 +204,7 @@ class SaraConfig:
     rank_layers: int | str = 1
     rank_method: str = "svd"
     rank_min_dim: int = 64
+    rank_convs: bool = False
     progressive_iter: Optional[float] = 0.5
     lr: Optional[float | str] = None
     seed: int = 0

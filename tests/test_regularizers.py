@@ -77,9 +77,11 @@ def test_newton_schulz_leaves_tiny_singular_values_partly_counted():
 def eligible_subgradients(network):
     """{module: lambda-free subgradient at the trainable entries}, by fp64 SVD of the masked weights."""
     result = {}
-    for module in network.rank_eligible():
+    for module, _ in network.rank_eligible():
         entries = module.pinned_delta().detach() + module.base_values.float()
-        expected, _ = reference_subgradient(masked_matrix(module.weight_shape, module.indices.long(), entries))
+        rows = module.weight_shape[0]  # a conv as the (out, in*kh*kw) matrix its LoRA export factorises
+        matrix = masked_matrix((rows, module.base.weight.numel() // rows), module.indices.long(), entries)
+        expected, _ = reference_subgradient(matrix)
         result[module.sara_name] = expected.reshape(-1)[module.indices.long()]
     return result
 
@@ -102,13 +104,14 @@ def one_step_rank_contribution(m, network, optimizer, micro_batches, accelerator
     return {n: before[n] - mod.delta.detach() - grads[n] for n, mod in network.named_children()}
 
 
-@pytest.mark.parametrize("accumulation,method", [("none", "svd"), ("plain", "newton_schulz"), ("accelerate", "svd")])
-def test_rank_layers_all_applies_the_term_once_to_every_eligible_layer(accumulation, method):
+@pytest.mark.parametrize("accumulation,method,convs", [("none", "svd", False), ("plain", "newton_schulz", False),
+                                                      ("accelerate", "svd", False), ("none", "svd", True)])
+def test_rank_layers_all_applies_the_term_once_to_every_eligible_layer(accumulation, method, convs):
     lambda_rank = 0.25
     m = models.tiny_sd1()
     network = make_network(m, {"density": "0.2", "progressive_iter": "off", "lambda_rank": str(lambda_rank),
-                               "rank_min_dim": "16", "rank_layers": "all", "rank_method": method},
-                           train_text_encoder=True)
+                               "rank_min_dim": "16", "rank_layers": "all", "rank_method": method,
+                               "rank_convs": str(convs).lower()}, train_text_encoder=True)
     freeze_and_cast(m, network)
     groups = network.prepare_optimizer_params(None, 1.0, 1.0)[0]
     optimizer = torch.optim.SGD([{**group, "lr": 1.0} for group in groups], lr=1.0)
@@ -127,6 +130,8 @@ def test_rank_layers_all_applies_the_term_once_to_every_eligible_layer(accumulat
         mod.delta.grad = None
     assert len(expected) >= 8 and len(expected) < len(modules)  # both kinds of layer are present
     assert any(mod.weight_shape[0] > mod.weight_shape[1] for mod in modules if mod.sara_name in expected)  # tall too
+    # convs take part (as (out, in*kh*kw) matrices) exactly when rank_convs is on
+    assert any(len(mod.weight_shape) == 4 for mod in modules if mod.sara_name in expected) == convs
     applied = one_step_rank_contribution(m, network, optimizer, 1 if accumulation == "none" else 2, accelerator)
     assert int(network.optimizer_steps) == 1
     for name, change in applied.items():
