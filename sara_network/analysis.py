@@ -157,12 +157,14 @@ def value_stats(values: torch.Tensor) -> dict:
     values = values.to(torch.float32)
     if not values.numel():
         return {"count": 0}
-    finite = values[torch.isfinite(values)]
+    is_finite = torch.isfinite(values)
+    finite = values if bool(is_finite.all()) else values[is_finite]  # a copy only when something is not
     if not finite.numel():
         return {"count": values.numel(), "nonfinite": values.numel()}
+    low, high = torch.aminmax(finite)
     return {"count": values.numel(), "nonfinite": values.numel() - finite.numel(),
-            "min": float(finite.min()), "max": float(finite.max()), "mean_abs": float(finite.abs().mean()),
-            "rms": float(finite.square().mean().sqrt()), "zeros": int((finite == 0).sum())}
+            "min": float(low), "max": float(high), "mean_abs": float(finite.abs().mean()),
+            "rms": float(torch.linalg.vector_norm(finite) / finite.numel() ** 0.5), "zeros": int((finite == 0).sum())}
 
 
 def module_summaries(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str,
