@@ -208,26 +208,19 @@ def exported_metrics(network, unet, args, base_metrics: dict) -> dict:
     at each rank of --export_ranks (kohya tensors, fp16 as the command writes them, applied as
     up @ down * alpha / rank; LoRA files carry no bias, so trained bias entries are dropped; the
     class-embedding rows stay as trained). Leaves the model unpatched."""
-    import torch
-
     from sara_network import convert
     from sara_network.demo import model
+    from sara_network.demo.finetune import lora_applied
 
     deltas = network.deltas()
     modules = {m.sara_name: m.base for m in network.sara_modules()}
     network.unpatch()
-    base_weights = {name: module.weight.detach().clone() for name, module in modules.items()}
     results = {}
     for rank in args.export_ranks:
         lora = convert.to_lora(deltas, convert.RankRule(rank=rank), "sd1")
-        dense = convert.lora_deltas(lora.tensors)
-        with torch.no_grad():
-            for name, delta in dense.items():
-                modules[name].weight.copy_(base_weights[name] + delta.reshape(base_weights[name].shape))
+        with lora_applied(modules, lora.tensors):
             new_loss = model.denoising_loss(unet, args.new_eval_images, args.new_eval_labels, seed=0, draws=args.new_draws)
             old_loss = model.denoising_loss(unet, args.old_eval_images, args.old_eval_labels, seed=0, draws=args.old_draws)
-            for name, weight in base_weights.items():
-                modules[name].weight.copy_(weight)
         norm_sq = sum(m.norm_sq for m in lora.modules)
         results[str(rank)] = dict(new_loss=new_loss, old_loss=old_loss, forgetting=old_loss - base_metrics["old"],
                                   rel_error=math.sqrt(sum(m.error_sq for m in lora.modules) / max(norm_sq, 1e-30)))

@@ -46,6 +46,7 @@ def test_demo_quick_mode_writes_its_files(demo_run):
     out = root / "outputs" / "demo"
     assert "torch threads: 1 (change with --threads N)" in stdout and "wall time:" in stdout
     assert "trainable parameters:" in stdout and "before" in stdout
+    assert re.search(r"applied instead of the native file: bold-digit loss \d\.\d{4}, -?\d+% of the native", stdout)
     deltas, metadata = load_native(str(out / "digits_bold_sara.safetensors"))
     assert deltas and metadata["sara_format_version"] == "1"
     assert metadata["ss_base_model_version"] == "custom" and metadata["ss_sd_model_name"] == BASE_PATH.name
@@ -101,3 +102,22 @@ def test_readme_cli_lines_run_on_the_demo_outputs(demo_run, monkeypatch, capsys)
     assert (out / "weights.png").stat().st_size > 0
     lora, _ = read_tensors(str(out / "digits_bold_lora_r4.safetensors"))
     assert max(t.shape[0] for k, t in lora.items() if k.endswith("lora_down.weight")) == 4
+
+
+def test_lora_applied_adds_the_kohya_delta_and_restores_the_weights():
+    from sara_network.demo.finetune import lora_applied
+
+    torch.manual_seed(0)
+    linear, conv = torch.nn.Linear(6, 5), torch.nn.Conv2d(3, 4, 3)
+    originals = [linear.weight.detach().clone(), conv.weight.detach().clone()]
+    tensors = {"lora_unet_a.lora_up.weight": torch.randn(5, 2), "lora_unet_a.lora_down.weight": torch.randn(2, 6),
+               "lora_unet_a.alpha": torch.tensor(1.0),  # scale alpha / rank = 0.5
+               "lora_unet_b.lora_up.weight": torch.randn(4, 3, 1, 1),
+               "lora_unet_b.lora_down.weight": torch.randn(3, 3, 3, 3)}  # no alpha: scale 1
+    with lora_applied({"lora_unet_a": linear, "lora_unet_b": conv}, tensors):
+        expected_linear = originals[0] + 0.5 * tensors["lora_unet_a.lora_up.weight"] @ tensors["lora_unet_a.lora_down.weight"]
+        expected_conv = originals[1] + torch.einsum("or,rihw->oihw", tensors["lora_unet_b.lora_up.weight"][:, :, 0, 0],
+                                                    tensors["lora_unet_b.lora_down.weight"])
+        torch.testing.assert_close(linear.weight.detach(), expected_linear)
+        torch.testing.assert_close(conv.weight.detach(), expected_conv)
+    assert torch.equal(linear.weight, originals[0]) and torch.equal(conv.weight, originals[1])

@@ -12,15 +12,18 @@ more threads than free cores made the same run several times slower.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import time
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..convert import CUSTOM_BASE
+from ..fileformat import read_tensors
 from ..network import SaraNetwork, collect_targets
 from ..options import SaraConfig
 from . import data, model
@@ -61,6 +64,27 @@ def train(unet, network: SaraNetwork, images, labels, steps: int, batch_size: in
             print(f"  step {step + 1:4d}/{steps}  train loss {sum(losses[-25:]) / len(losses[-25:]):.4f}", flush=True)
     unet.eval()
     return losses
+
+
+@contextlib.contextmanager
+def lora_applied(modules: Mapping[str, torch.nn.Module], lora_tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """The model as a LoRA consumer runs it: each module's weight plus its kohya LoRA's dense delta
+    (up @ down * alpha / rank, what A1111 / ComfyUI add), restored exactly on exit. `modules` maps
+    kohya names to the layers; the SaRA patches must be off (network.unpatch())."""
+    from ..convert import lora_deltas
+
+    originals = {}
+    try:
+        with torch.no_grad():
+            for name, delta in lora_deltas(lora_tensors).items():
+                weight = modules[name].weight
+                originals[name] = weight.detach().clone()
+                weight.add_(delta.reshape(weight.shape).to(weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                modules[name].weight.copy_(original)
 
 
 def export_lora(native_path: str, lora_path: str, rank: int) -> str:
@@ -125,14 +149,24 @@ def main(argv: list[str] | None = None) -> None:
     network.save(native_path, torch.float16, {"ss_output_name": "digits_bold_sara",
                                               "ss_network_module": "sara_network", **BASE_METADATA})
     lora = export_lora(native_path, os.path.join(args.out, "digits_bold_lora.safetensors"), args.lora_rank)
+    phases = {"before": before_samples, "after": after_samples}
+    lora_line = lora
+    if os.path.isfile(lora):  # what a LoRA user gets: the export, read back and applied to the base
+        network.unpatch()
+        with lora_applied({m.sara_name: m.base for m in network.sara_modules()}, read_tensors(lora)[0]):
+            lora_loss = model.denoising_loss(unet, eval_images, eval_labels, seed=0, draws=2)
+            phases["lora"] = model.sample(unet, grid_labels, seed=1, steps=args.sample_steps)
+        kept = (before_loss - lora_loss) / (before_loss - after_loss) if before_loss != after_loss else float("nan")
+        lora_line = (f"{lora}\n  applied instead of the native file: bold-digit loss {lora_loss:.4f}, "
+                     f"{kept:.0%} of the native file's improvement")
     grid_path = os.path.join(args.out, "before_after.png")
-    rows = [before_samples[i:i + args.samples] for i in range(0, len(grid_labels), args.samples)]
-    rows += [after_samples[i:i + args.samples] for i in range(0, len(grid_labels), args.samples)]
-    labels = [f"{when} {digit}" for when in ("before", "after") for digit in data.OLD_CLASSES]
+    rows = [samples[i:i + args.samples] for samples in phases.values() for i in range(0, len(grid_labels), args.samples)]
+    labels = [f"{when} {digit}" for when in phases for digit in data.OLD_CLASSES]
     model.save_grid_png(rows, grid_path, labels=labels)
     print(f"\nbold-digit denoising loss on held-out digits: before {before_loss:.4f} -> after {after_loss:.4f}")
     print(f"trainable parameters: {trainable:,d}")
     print(f"native SaRA file: {native_path}")
-    print(f"LoRA export:      {lora}")
-    print(f"samples (rows 'before <digit>': base, 'after <digit>': fine-tuned, same seeds): {grid_path}")
+    print(f"LoRA export:      {lora_line}")
+    print(f"samples (rows 'before <digit>': base, 'after <digit>': fine-tuned, 'lora <digit>': the LoRA export; "
+          f"same seeds): {grid_path}")
     print(f"wall time: {time.time() - started:.0f} s on {args.threads} torch thread(s)")
