@@ -321,6 +321,15 @@ def build_markdown(records: list[dict], args, smoke: bool) -> tuple[str, dict]:
                   "learning-set loss below the base model's, as a share of the native file's drop; 'forgetting kept': "
                   "the export's forgetting as a share of the native file's (100% = the same as the native file; "
                   "the goal is within 10% on both). Frobenius error: ||D - up·down||/||D|| over all modules.", ""]
+    matched = matched_learning_rows(summary, order)
+    if matched:
+        lines += ["## Forgetting at equal learning", "",
+                  common.markdown_table(["point", "learning-set loss", "forgetting", "peer", "peer forgetting at this learning",
+                                         "difference"], matched), "",
+                  "The peer's forgetting at the same learning-set loss, linearly interpolated between the two of its lr "
+                  "points (means over their seeds) whose learning-set losses bracket this point's; a point outside "
+                  "every bracket of a peer is left out. A negative difference: this point forgets less than the peer "
+                  "would at the same learning.", ""]
     # Learning and forgetting trade off through the lr, so no single lr per method is "its best":
     # a point is beaten only by a point that is lower on both (by more than the noise).
     points = [summary[key] for key in sorted(summary, key=lambda k: (order.get(k[0], 9), lr_order(k[1])))]
@@ -337,6 +346,30 @@ def build_markdown(records: list[dict], args, smoke: bool) -> tuple[str, dict]:
               f"forgetting, each by more than the larger seed spread of the two and at least the probe's noise "
               f"floor ({NOISE_NEW} new / {NOISE_OLD} old). 'not beaten': no other method is lower on both.", ""]
     return "\n".join(lines), summary
+
+
+def matched_learning_rows(summary: dict, order: dict) -> list[list]:
+    """Per SaRA point and peer method (LoRA, LoCon, ...), the peer's forgetting interpolated at the
+    point's learning-set loss between the peer's bracketing lr points."""
+    rows = []
+    peers = {}
+    for s in summary.values():
+        if s["method"] not in SARA_VARIANTS:
+            peers.setdefault(s["method"], []).append((s["new"][0], s["forgetting"][0]))
+    for key in sorted(summary, key=lambda k: (order.get(k[0], 9), lr_order(k[1]))):
+        s = summary[key]
+        if s["method"] not in SARA_VARIANTS:
+            continue
+        learning, forgetting = s["new"][0], s["forgetting"][0]
+        for peer, points in peers.items():
+            points = sorted(points)
+            for (l0, f0), (l1, f1) in zip(points, points[1:]):
+                if l0 <= learning <= l1 and l1 > l0:
+                    at = f0 + (f1 - f0) * (learning - l0) / (l1 - l0)
+                    rows.append([f"{_label(s)} lr {lr_text(s['lr'])}", f"{learning:.5f}", f"{forgetting:+.5f}", peer,
+                                 f"{at:+.5f}", f"{forgetting - at:+.5f}"])
+                    break
+    return rows
 
 
 def main(argv=None) -> int:
