@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..convert import CUSTOM_BASE
 from ..fileformat import read_tensors
 from ..network import SaraNetwork, collect_targets
-from ..options import SaraConfig
+from ..options import SaraConfig, auto_lr, parse_lr
 from . import data, model
 
 # What the native file says about its base, so every `sara` command reads it without --base-model:
@@ -98,9 +98,11 @@ def export_lora(native_path: str, lora_path: str, rank: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sara_network.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo", help="output folder")
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps (batch 64)")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
+    parser.add_argument("--batch", type=int, default=64, help="images per step")
     parser.add_argument("--density", type=float, default=0.05, help="SaRA budget as a fraction of the weights")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=parse_lr, default=2e-3, help="a number, or 'auto': the paper's rule "
+                        "1e-3 * exp(-350 * threshold) for the threshold the selection found")
     parser.add_argument("--lambda_rank", type=float, default=5e-3)
     parser.add_argument("--samples", type=int, default=8, help="samples per class in the grid")
     parser.add_argument("--sample_steps", type=int, default=25, help="DDIM steps for the grid")
@@ -141,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     trainable = network.selected_count()
     print(f"SaRA trains {trainable:,d} of {sum(p.numel() for p in unet.parameters()):,d} parameters "
           f"({trainable / sum(p.numel() for p in unet.parameters()):.2%})")
-    train(unet, network, train_images, train_labels, args.steps, 64, args.lr, seed=0)
+    lr = auto_lr(network.thresholds["unet"]) if args.lr == "auto" else args.lr
+    print(f"lr {lr:.3g}" + (" (the paper's rule for this threshold)" if args.lr == "auto" else ""))
+    train(unet, network, train_images, train_labels, args.steps, args.batch, lr, seed=0)
 
     after_loss = model.denoising_loss(unet, eval_images, eval_labels, seed=0, draws=2)
     after_samples = model.sample(unet, grid_labels, seed=1, steps=args.sample_steps)
