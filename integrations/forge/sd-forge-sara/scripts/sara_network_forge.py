@@ -18,6 +18,7 @@ class SaraCollection:
 
     @staticmethod
     def load_lora(lora, to_load):
+        host_patch.check_fits(host_patch.module_shapes(lora), to_load)  # a file for another model: refused whole
         deltas = host_patch.deltas_for(lora, to_load)
         patches, _ = host_patch.host_patches(deltas.values(), to_load, lambda delta: (PATCH_TYPE, delta))
         others = next(c for c in forge_lora.lora_collection_priority
