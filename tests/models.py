@@ -232,9 +232,10 @@ def tiny_flux_transformer(seed: int = 0):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=CROSS_DIM, pooled_projection_dim=CROSS_DIM,
-                                  guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+    # one head of FLUX.1's width 128 (its rope axes 16, 56, 56, which ComfyUI's model detection assumes)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=128,
+                                  num_attention_heads=1, joint_attention_dim=CROSS_DIM, pooled_projection_dim=CROSS_DIM,
+                                  guidance_embeds=True, axes_dims_rope=(16, 56, 56)).eval()
 
 
 def tiny_sd3_transformer(seed: int = 0):
@@ -286,6 +287,39 @@ def tiny_sd3(seed: int = 0):
                                  text_encoders=[tiny_text_encoder(seed + 1, with_projection=True),
                                                 tiny_text_encoder(seed + 2, with_projection=True),
                                                 tiny_t5(seed + 3)])
+
+
+# the transformers' parameters that are not Linear / Conv2d weights: diffusers name -> original name
+OTHER_PARAMETERS = {
+    "flux": [(r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "double_blocks.{}.img_attn.norm.query_norm.scale"),
+             (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "double_blocks.{}.img_attn.norm.key_norm.scale"),
+             (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", "double_blocks.{}.txt_attn.norm.query_norm.scale"),
+             (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", "double_blocks.{}.txt_attn.norm.key_norm.scale"),
+             (r"single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "single_blocks.{}.norm.query_norm.scale"),
+             (r"single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "single_blocks.{}.norm.key_norm.scale")],
+    "sd3": [(r"pos_embed\.pos_embed", "pos_embed"),
+            (r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "joint_blocks.{}.x_block.attn.ln_q.weight"),
+            (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "joint_blocks.{}.x_block.attn.ln_k.weight"),
+            (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", "joint_blocks.{}.context_block.attn.ln_q.weight"),
+            (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", "joint_blocks.{}.context_block.attn.ln_k.weight"),
+            (r"transformer_blocks\.(\d+)\.attn2\.norm_q\.weight", "joint_blocks.{}.x_block.attn2.ln_q.weight"),
+            (r"transformer_blocks\.(\d+)\.attn2\.norm_k\.weight", "joint_blocks.{}.x_block.attn2.ln_k.weight")],
+}
+
+
+def original_layout_state_dict(models, transformer_state=None) -> dict:
+    """The whole transformer in its original single-file layout (what a FLUX / SD3 checkpoint, ComfyUI
+    and Forge hold): kohya's layers (models.unet, or `transformer_state` of them) plus the diffusers
+    transformer's other parameters (q/k norms, SD3's position table), renamed."""
+    import re
+
+    checkpoint = {k: v.detach().clone() for k, v in (transformer_state or models.unet.state_dict()).items()}
+    for key, value in models.diffusers.state_dict().items():
+        for pattern, original in OTHER_PARAMETERS[models.kind]:
+            match = re.fullmatch(pattern, key)
+            if match:
+                checkpoint[original.format(*match.groups())] = value.detach().clone()
+    return checkpoint
 
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "5-medium"}

@@ -14,7 +14,7 @@ import torch
 from sara_network import cli, convert, dit_names, fileformat, ldm_names
 from sara_network.naming import text_encoder_prefixes
 from sara_network.network import all_targets
-from tests.models import random_sara_file, tiny_flux, tiny_flux_transformer, tiny_sd3
+from tests.models import original_layout_state_dict, random_sara_file, tiny_flux, tiny_sd3
 
 diffusers = pytest.importorskip("diffusers")
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -23,39 +23,6 @@ ARCH = {"flux": "flux", "sd3": "sd3"}
 FOLDERS = {"flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3")}
 CONVERTERS = {"flux": "convert_flux_transformer_checkpoint_to_diffusers",
               "sd3": "convert_sd3_transformer_checkpoint_to_diffusers"}
-# the transformers' parameters that are not Linear / Conv2d weights, in the original layout (what the
-# single-file converters read besides the layers dit_names maps)
-OTHER_PARAMETERS = {
-    "flux": [(r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "double_blocks.{}.img_attn.norm.query_norm.scale"),
-             (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "double_blocks.{}.img_attn.norm.key_norm.scale"),
-             (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", "double_blocks.{}.txt_attn.norm.query_norm.scale"),
-             (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", "double_blocks.{}.txt_attn.norm.key_norm.scale"),
-             (r"single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "single_blocks.{}.norm.query_norm.scale"),
-             (r"single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "single_blocks.{}.norm.key_norm.scale")],
-    "sd3": [(r"pos_embed\.pos_embed", "pos_embed"),
-            (r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "joint_blocks.{}.x_block.attn.ln_q.weight"),
-            (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "joint_blocks.{}.x_block.attn.ln_k.weight"),
-            (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", "joint_blocks.{}.context_block.attn.ln_q.weight"),
-            (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", "joint_blocks.{}.context_block.attn.ln_k.weight"),
-            (r"transformer_blocks\.(\d+)\.attn2\.norm_q\.weight", "joint_blocks.{}.x_block.attn2.ln_q.weight"),
-            (r"transformer_blocks\.(\d+)\.attn2\.norm_k\.weight", "joint_blocks.{}.x_block.attn2.ln_k.weight")],
-}
-
-
-def original_checkpoint(models, transformer_state=None) -> dict:
-    """The transformer in its original single-file layout: kohya's layers (models.unet) plus the other
-    parameters of the diffusers transformer, renamed."""
-    import re
-
-    checkpoint = {k: v.detach().clone() for k, v in (transformer_state or models.unet.state_dict()).items()}
-    for key, value in models.diffusers.state_dict().items():
-        for pattern, original in OTHER_PARAMETERS[models.kind]:
-            match = re.fullmatch(pattern, key)
-            if match:
-                checkpoint[original.format(*match.groups())] = value.detach().clone()
-    return checkpoint
-
-
 FLUX1_LINEAR1 = (3072, 3072, 3072, 12288)  # q, k, v, MLP rows of FLUX.1's linear1, fixed in diffusers' converter
 
 
@@ -63,7 +30,7 @@ def diffusers_layout(models, transformer_state=None) -> dict:
     """diffusers' own conversion of the original layout (its single-file loader's). Its FLUX converter
     splits linear1 at FLUX.1's widths, so each tiny q / k / v / MLP part goes in zero-padded to them
     and comes out cut back (the padding must come out zero: the parts landed where they belong)."""
-    checkpoint = original_checkpoint(models, transformer_state)
+    checkpoint = original_layout_state_dict(models, transformer_state)
     hidden = None
     if models.kind == "flux":
         for key in [k for k in checkpoint if ".linear1." in k]:
