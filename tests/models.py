@@ -224,7 +224,7 @@ def tiny_t5(seed: int, hidden: int = CROSS_DIM):
 
     torch.manual_seed(seed)
     config = T5Config(vocab_size=99, d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=2, num_heads=4,
-                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
+                      feed_forward_proj="gated-gelu")
     return T5EncoderModel(config).eval()
 
 
@@ -242,8 +242,9 @@ def tiny_sd3_transformer(seed: int = 0):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                 num_attention_heads=2, joint_attention_dim=CROSS_DIM, caption_projection_dim=16,
+    # SAI's MMDiT (and ComfyUI's detection) ties the width to the depth: 64 per block, as many heads as blocks
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64,
+                                 num_attention_heads=2, joint_attention_dim=CROSS_DIM, caption_projection_dim=128,
                                  pooled_projection_dim=2 * CROSS_DIM, out_channels=4, pos_embed_max_size=8,
                                  dual_attention_layers=(0,), qk_norm="rms_norm").eval()
 
@@ -284,8 +285,8 @@ def tiny_flux(seed: int = 0):
 def tiny_sd3(seed: int = 0):
     transformer = tiny_sd3_transformer(seed)
     return types.SimpleNamespace(unet=kohya_layout_model(transformer, "sd3"), diffusers=transformer, kind="sd3",
-                                 text_encoders=[tiny_text_encoder(seed + 1, with_projection=True),
-                                                tiny_text_encoder(seed + 2, with_projection=True),
+                                 text_encoders=[tiny_text_encoder(seed + 1, with_projection=True, layers=3),  # hosts
+                                                tiny_text_encoder(seed + 2, with_projection=True, layers=3),  # read -2
                                                 tiny_t5(seed + 3)])
 
 

@@ -50,6 +50,8 @@ import torch
 from tools.host_checks.common import (ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report, check_listing, check_weights,
                                       compare_outputs, host_keys, load_file_module, read_safetensors_metadata)
 
+KINDS = ("sd1", "sdxl")  # the models this host check builds
+
 SD1_UNET_CONFIG = {  # the tiny diffusers U-Net of tests/models.py in LDM terms, to rename its weights
     "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
     "transformer_depth_output": [1, 1, 0, 0], "transformer_depth_middle": 1,
