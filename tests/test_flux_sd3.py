@@ -339,3 +339,39 @@ def test_diffusers_format_is_only_for_flux_and_sd3(tmp_path):
     random_sara_file(tiny_sd1(), path, seed=1, metadata={})
     assert cli.main(["to-lora", path, str(tmp_path / "out.safetensors"), "--rank", "2", "--format", "diffusers"]) == 1
     assert not os.path.exists(tmp_path / "out.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect, analyze, from-lora on FLUX / SD3 bases
+def test_cli_reads_flux_and_sd3_bases(setup, capsys):
+    """A diffusers pipeline folder and a single-file checkpoint of the same weights are the same base
+    under kohya's names: the file fits both (same base hash as at training), analyze sees the same
+    weights, and from-lora projects a LoRA onto the same selection from either."""
+    import json
+
+    folder, checkpoint = str(setup["tmp"] / "cli-pipeline"), str(setup["tmp"] / "cli-base.safetensors")
+    save_pipeline_folder(setup["base"], folder)
+    fileformat.save_tensors(checkpoint, single_file_checkpoint(setup["base"], setup["arch"], "model.diffusion_model."),
+                            {}, with_hash=False)
+    reports = []
+    for base in (folder, checkpoint):
+        capsys.readouterr()
+        assert cli.main(["inspect", setup["path"], "--base", base, "--json", "-q"]) == 0
+        report = json.loads(capsys.readouterr().out)["base"]
+        assert report["fits"] and report["hash_matches"], base
+        assert cli.main(["analyze", base, "--json", "-q"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0] == reports[1] and reports[0]["selected_fraction"] > 0
+    lora = str(setup["tmp"] / "cli-lora.safetensors")
+    assert cli.main(["to-lora", setup["path"], lora, "--rank", "8", "-q", "--show", "0"]) == 0
+    projected = []
+    for index, base in enumerate((folder, checkpoint)):
+        out = str(setup["tmp"] / f"cli-projected{index}.safetensors")
+        assert cli.main(["from-lora", lora, out, "--base", base, "--density", "0.05", "-q", "--show", "0"]) == 0
+        projected.append({d.name: d for d in fileformat.load_native(out)[0]})
+    assert projected[0].keys() == projected[1].keys() == {d.name for d in setup["deltas"]}
+    dense = convert.lora_deltas(fileformat.read_tensors(lora)[0])
+    for name, delta in projected[0].items():
+        other = projected[1][name]
+        assert torch.equal(delta.indices, other.indices) and torch.equal(delta.values, other.values), name
+        assert torch.equal(delta.values, dense[name].reshape(-1)[delta.indices.long()]), name
