@@ -177,7 +177,7 @@ def check_listing(case: Case, lora_dir: str, networks, report: Report, label: st
 
     with open(case.path, "rb") as file:
         own_hash = hashes.addnet_hash_safetensors(file)
-    version = "SDXL" if case.kind == "sdxl" else "SD1"
+    version = {"sd1": "SD1", "sdxl": "SDXL", "flux": "Flux"}[case.kind]
     for what, got, want in (("alias", on_disk.alias, metadata["ss_output_name"]),
                             ("sd_version", on_disk.sd_version.name, version),
                             ("shorthash", on_disk.shorthash, metadata["sshs_model_hash"][:12]),
