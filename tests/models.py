@@ -308,13 +308,13 @@ OTHER_PARAMETERS = {
 }
 
 
-def original_layout_state_dict(models, transformer_state=None) -> dict:
+def original_layout_state_dict(models) -> dict:
     """The whole transformer in its original single-file layout (what a FLUX / SD3 checkpoint, ComfyUI
-    and Forge hold): kohya's layers (models.unet, or `transformer_state` of them) plus the diffusers
-    transformer's other parameters (q/k norms, SD3's position table), renamed."""
+    and Forge hold): kohya's layers (models.unet) plus the diffusers transformer's other parameters
+    (q/k norms, SD3's position table), renamed."""
     import re
 
-    checkpoint = {k: v.detach().clone() for k, v in (transformer_state or models.unet.state_dict()).items()}
+    checkpoint = {k: v.detach().clone() for k, v in models.unet.state_dict().items()}
     for key, value in models.diffusers.state_dict().items():
         for pattern, original in OTHER_PARAMETERS[models.kind]:
             match = re.fullmatch(pattern, key)

@@ -19,18 +19,17 @@ from tests.models import original_layout_state_dict, random_sara_file, tiny_flux
 diffusers = pytest.importorskip("diffusers")
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
 
-ARCH = {"flux": "flux", "sd3": "sd3"}
 FOLDERS = {"flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3")}
 CONVERTERS = {"flux": "convert_flux_transformer_checkpoint_to_diffusers",
               "sd3": "convert_sd3_transformer_checkpoint_to_diffusers"}
 FLUX1_LINEAR1 = (3072, 3072, 3072, 12288)  # q, k, v, MLP rows of FLUX.1's linear1, fixed in diffusers' converter
 
 
-def diffusers_layout(models, transformer_state=None) -> dict:
+def diffusers_layout(models) -> dict:
     """diffusers' own conversion of the original layout (its single-file loader's). Its FLUX converter
     splits linear1 at FLUX.1's widths, so each tiny q / k / v / MLP part goes in zero-padded to them
     and comes out cut back (the padding must come out zero: the parts landed where they belong)."""
-    checkpoint = original_layout_state_dict(models, transformer_state)
+    checkpoint = original_layout_state_dict(models)
     hidden = None
     if models.kind == "flux":
         for key in [k for k in checkpoint if ".linear1." in k]:
@@ -58,7 +57,7 @@ def setup(request, tmp_path_factory):
     path = str(tmp_path / f"{models.kind}.safetensors")
     net = random_sara_file(models, path, seed=5, metadata={"ss_output_name": f"tiny {models.kind}"})
     net.merge_into_base(1.0)  # the reference: the network's own merge, on kohya's layout
-    return dict(kind=request.param, arch=ARCH[request.param], base=base, merged=models, path=path, tmp=tmp_path,
+    return dict(kind=request.param, arch=request.param, base=base, merged=models, path=path, tmp=tmp_path,
                 deltas=fileformat.load_native(path)[0])
 
 
@@ -117,7 +116,7 @@ def test_kohya_names_of_flux_and_sd3():
 def test_native_file_names_and_metadata(setup):
     """A native file of kohya's layout carries kohya's names and the metadata the UIs read; it reads back
     exactly and its base model is known from its names alone."""
-    tensors, metadata = fileformat.read_tensors(setup["path"])
+    metadata = fileformat.read_tensors(setup["path"])[1]
     names = {d.name for d in setup["deltas"]}
     expected = {"flux": ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_1_linear1",
                          "lora_unet_final_layer_adaLN_modulation_1", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
