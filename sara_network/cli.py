@@ -78,7 +78,10 @@ def cmd_to_lora(args) -> None:
         extra["ss_network_args"] = json.dumps({"conv_dim": str(max(conv_ranks)), "conv_alpha": str(max(conv_ranks))})
     out_metadata = convert.adapter_metadata(metadata, version, _title(args.output), "networks.lora",
                                             result.max_rank, extra)
-    fileformat.save_tensors(args.output, result.tensors, out_metadata)
+    tensors, left_out = result.tensors, []
+    if args.format == "diffusers":
+        tensors, left_out = convert.diffusers_lora(result.tensors, version)
+    fileformat.save_tensors(args.output, tensors, out_metadata)
     for module in sorted(result.modules, key=lambda m: -m.rel_error)[: args.show]:
         print(f"  {module.name:<80} rank {module.rank:>4}  rel. error {module.rel_error:.4%}")
     print(f"wrote {args.output}: {len(result.modules)} LoRA modules, ranks {min(m.rank for m in result.modules)}"
@@ -89,6 +92,9 @@ def cmd_to_lora(args) -> None:
              + (" ..." if len(result.bias_modules) > 5 else ""))
     if result.fillers:
         print(f"  added {len(result.fillers)} zero rank-1 modules so A1111 patches partly covered OpenCLIP attention")
+    if left_out:
+        _say(f"warning: {len(left_out)} T5 modules are left out: diffusers' pipeline loads no LoRA into T5 "
+             f"({', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''})")
     if result.unreached:
         cap = min(r for r in (rule.rank, rule.max_rank) if r is not None)  # full rank always reaches it
         _say(f"warning: {len(result.unreached)} modules stay above --max-error {args.max_error:g} at the rank cap "
@@ -323,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pad every module with zeros to the largest rank (exact); needed by diffusers' "
                           "load_lora_weights when ranks differ (--energy / --max-error)")
     sub.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    sub.add_argument("--format", choices=("kohya", "diffusers"), default="kohya",
+                     help="kohya: kohya's module names, read by every UI and by diffusers for SD1/SDXL/FLUX.1; "
+                          "diffusers: diffusers' own layer names (FLUX.1 / SD3 only), which "
+                          "StableDiffusion3Pipeline needs and FluxPipeline reads at any model width")
     sub.add_argument("--show", type=int, default=10, help="print the N modules with the largest error")
     base_model(sub)
 

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from . import ldm_names
+from . import dit_names, ldm_names
 from .fileformat import ModuleDelta, SaraFileError, split_key
 from .progress import Progress
 from .progress import no_progress as _no_progress  # the CLI passes progress_bars()
@@ -47,14 +47,20 @@ BASE_MODELS = {
     "sd_v2_v": ("stable-diffusion-v2-768-v/lora", "diffusers", "768x768"),
     "sdxl_base_v1-0": ("stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models",
                        "1024x1024"),
+    # kohya's FLUX.1 and SD3 trainers: "flux1", and the MMDiT's model_type for SD3 / SD3.5
+    "flux1": ("flux-1-dev/lora", "https://github.com/black-forest-labs/flux", "1024x1024"),
+    "medium": ("stable-diffusion-3-medium/lora", "diffusers", "1024x1024"),
+    "5-medium": ("stable-diffusion-3-5-medium/lora", "diffusers", "1024x1024"),
+    "5-large": ("stable-diffusion-3-5-large/lora", "diffusers", "1024x1024"),
     CUSTOM_BASE: None,
 }
-ARCH_OF_BASE_MODEL = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
+ARCH_OF_BASE_MODEL = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl", "flux1": "flux",
+                      "medium": "sd3", "5-medium": "sd3", "5-large": "sd3"}
 _MODELSPEC_ARCH_KEYS = ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
                         "modelspec.resolution")
-BASE_KINDS = ("a diffusers pipeline folder (with unet/), a diffusers model folder (config.json with _class_name, "
-              "e.g. a UNet2DModel), a single-file SD1/SD2/SDXL checkpoint, or the demo base "
-              "(sara_network/demo/digits_base.safetensors)")
+BASE_KINDS = ("a diffusers pipeline folder (with unet/, or transformer/ for FLUX.1 / SD3), a diffusers model folder "
+              "(config.json with _class_name, e.g. a UNet2DModel), a single-file SD1/SD2/SDXL/FLUX.1/SD3 checkpoint, "
+              "or the demo base (sara_network/demo/digits_base.safetensors)")
 # metadata keys of a native file that describe the native format itself, not the training
 _NATIVE_ONLY_KEYS = ("sara_format", "sara_format_version", "sara_counts", "sara_total_selected", "sshs_model_hash",
                      "sshs_legacy_hash")
@@ -82,12 +88,21 @@ def _check_names(grouped: Mapping[str, object], what: str) -> None:
 # architectures and metadata
 def base_model_version(names: Iterable[str], metadata: Mapping[str, str], given: Optional[str] = None) -> str:
     """The ss_base_model_version of a file: given explicitly, from its metadata, or unmistakable from
-    its names (kohya's SDXL names: `lora_te1_`/`lora_te2_`, LDM U-Net blocks); else an error."""
+    its names (kohya's FLUX.1 blocks; SD3.5 Medium's second attention; SDXL's `lora_te1_`/`lora_te2_`,
+    LDM U-Net blocks); else an error."""
     version = given or metadata.get("ss_base_model_version")
     if version is None:
         names = list(names)
-        if any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_middle_block",
-                             "lora_unet_output_blocks")) for n in names):
+        dit = dit_names.arch_of_names(names)
+        if dit == "flux":
+            version = "flux1"
+        elif dit == "sd3":
+            if not any("_x_block_attn2_" in n for n in names):
+                raise ValueError("the file is for SD3 but does not say which one; give --base-model "
+                                 "(medium|5-medium|5-large)")
+            version = "5-medium"
+        elif any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_middle_block",
+                               "lora_unet_output_blocks")) for n in names):
             version = "sdxl_base_v1-0"
     if version is None:
         raise ValueError("the file does not say which base model it is for; give --base-model "
@@ -453,6 +468,47 @@ def to_lora(deltas: Sequence[ModuleDelta], rule: RankRule, version: str, method:
     return LoraResult(tensors, modules, bias_modules, sorted(fillers), unreached)
 
 
+# pipeline parts whose LoRA keys diffusers' FluxPipeline / StableDiffusion3Pipeline.load_lora_weights reads
+DIFFUSERS_LORA_PARTS = {"flux": ("transformer", "text_encoder"), "sd3": ("transformer", "text_encoder", "text_encoder_2")}
+
+
+def diffusers_lora(tensors: Mapping[str, torch.Tensor], version: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A kohya LoRA of a FLUX.1 / SD3 model in diffusers' own keys (`transformer.<layer>.lora_A.weight` /
+    `lora_B.weight`, `text_encoder.<path>...`), which FluxPipeline / StableDiffusion3Pipeline load as they
+    are (diffusers has no converter for kohya's SD3 names, and its FLUX one assumes FLUX.1's widths).
+    A stacked kohya layer becomes one LoRA per diffusers layer: the shared lora_A and that layer's rows
+    of lora_B, so the product is unchanged; alpha / rank is folded into lora_B. Returns (tensors,
+    modules left out because the pipeline loads no LoRA into their model: T5)."""
+    arch = ARCH_OF_BASE_MODEL.get(version)
+    if arch not in dit_names.LAYOUTS:
+        raise ValueError(f"--format diffusers is for FLUX.1 / SD3 files, this one is {version} "
+                         "(diffusers reads kohya's SD1 / SDXL LoRA names itself)")
+    converted, left_out = {}, []
+    for name, parts in group_modules(tensors).items():
+        up, down = parts["lora_up.weight"], parts["lora_down.weight"]
+        if "alpha" in parts:
+            up = (up.to(torch.float32) * (float(parts["alpha"]) / down.shape[0])).to(up.dtype)
+        prefix, path = ldm_names.split_name(name, arch)
+        if prefix != ldm_names.UNET:
+            folder = dit_names.TEXT_ENCODER_FOLDERS[arch][prefix]
+            if folder not in DIFFUSERS_LORA_PARTS[arch]:
+                left_out.append(name)
+                continue
+            layers = {f"{folder}.{path}": up}
+        else:
+            blocks: dict[str, dict[int, torch.Tensor]] = {}
+            row = 0
+            for piece in dit_names.pieces(path, (up.shape[0], down.shape[1]), arch):
+                blocks.setdefault(piece.path, {})[piece.start] = up[row:row + piece.rows]
+                row += piece.rows
+            layers = {f"transformer.{layer}": torch.cat([rows[start] for start in sorted(rows)])
+                      for layer, rows in blocks.items()}
+        for layer, lora_b in layers.items():
+            converted[f"{layer}.lora_A.weight"] = down.contiguous()
+            converted[f"{layer}.lora_B.weight"] = lora_b.contiguous()
+    return converted, sorted(left_out)
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA -> dense deltas
 def lora_module_delta(name: str, parts: Mapping[str, torch.Tensor], path: str = "<lora>") -> torch.Tensor:
@@ -621,9 +677,24 @@ class BaseModel:
     models: dict = dataclasses.field(default_factory=dict)
     state_dict: Optional[dict] = None
     metadata: dict = dataclasses.field(default_factory=dict)
+    # kohya layers that are several diffusers layers (FLUX.1 / SD3 q/k/v, linear1, final AdaLN): the
+    # target holds a stacked copy; [(target module, [(diffusers layer, dit_names.Piece), ...])]
+    stacked: list = dataclasses.field(default_factory=list)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {t.name: t.module.weight for t in self.targets}
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the stacked targets' (merged) rows back into the diffusers layers they came from."""
+        for module, parts in self.stacked:
+            row = 0
+            for layer, piece in parts:
+                for name in ("weight", "bias"):
+                    if getattr(module, name) is not None:
+                        getattr(layer, name)[piece.start:piece.start + piece.rows] = \
+                            getattr(module, name)[row:row + piece.rows]
+                row += piece.rows
 
 
 def _stored_dtype(folder: str) -> Optional[torch.dtype]:
@@ -649,27 +720,23 @@ def _unet_layout(config: Mapping) -> "ldm_names.UNetLayout":
 
 def load_diffusers_folder(path: str, version: Optional[str] = None) -> BaseModel:
     """The U-Net and text encoders of a diffusers pipeline folder, in their stored dtype. SDXL
-    (a text_encoder_2 is present) gets kohya's LDM U-Net names, as kohya's SDXL trainer writes them."""
+    (a text_encoder_2 is present) gets kohya's LDM U-Net names, as kohya's SDXL trainer writes them;
+    a FLUX.1 / SD3 folder (transformer/) gets kohya's names too (load_diffusers_dit_folder)."""
     import os
 
-    import transformers
     from diffusers import UNet2DConditionModel
 
     from .compat import dtype_kwargs
     from .naming import UNET_PREFIX, kohya_name, text_encoder_prefixes
     from .network import Target, all_targets
 
+    if os.path.isdir(os.path.join(path, "transformer")):
+        return load_diffusers_dit_folder(path, version)
     if not os.path.isdir(os.path.join(path, "unet")):
         raise SaraFileError(f"{path}: not a diffusers model folder (no unet/ subfolder)")
     models = {"unet": UNet2DConditionModel.from_pretrained(
         path, subfolder="unet", **dtype_kwargs("diffusers", _stored_dtype(os.path.join(path, "unet"))))}
-    for sub in ("text_encoder", "text_encoder_2"):
-        folder = os.path.join(path, sub)
-        if os.path.isdir(folder):
-            with open(os.path.join(folder, "config.json")) as stream:
-                architecture = json.load(stream)["architectures"][0]
-            models[sub] = getattr(transformers, architecture).from_pretrained(
-                folder, **dtype_kwargs("transformers", _stored_dtype(folder)))
+    models.update(_text_encoders(path, ("text_encoder", "text_encoder_2")))
     encoders = [models[s] for s in ("text_encoder", "text_encoder_2") if s in models]
     sdxl = "text_encoder_2" in models
     if version is None:
@@ -685,8 +752,107 @@ def load_diffusers_folder(path: str, version: Optional[str] = None) -> BaseModel
     return BaseModel(path, version, targets, models=models)
 
 
+def _text_encoders(path: str, subfolders: Iterable[str]) -> dict:
+    """The transformers text encoders of a pipeline's subfolders that exist, in their stored dtype."""
+    import os
+
+    import transformers
+
+    from .compat import dtype_kwargs
+
+    models = {}
+    for sub in subfolders:
+        folder = os.path.join(path, sub)
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, "config.json")) as stream:
+                architecture = json.load(stream)["architectures"][0]
+            models[sub] = getattr(transformers, architecture).from_pretrained(
+                folder, **dtype_kwargs("transformers", _stored_dtype(folder)))
+    return models
+
+
+DIT_CLASSES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+
+
+def _sd3_version(qk_norm: bool, dual_attention: bool) -> str:
+    """kohya's SD3 model_type: 3.5 Medium has a second attention in some blocks, 3.5 Large only the q/k norms."""
+    return "5-medium" if dual_attention else "5-large" if qk_norm else "medium"
+
+
+def dit_targets(transformer: torch.nn.Module, arch: str) -> tuple[list, list]:
+    """(kohya-named targets, stacked copies) of a diffusers FLUX / SD3 transformer: a kohya layer that
+    is one whole diffusers layer is that layer; one made of several (or of swapped halves) is a
+    stacked copy, which BaseModel.write_back returns to the diffusers layers."""
+    from .naming import UNET_PREFIX, kohya_name
+    from .network import Target
+
+    layers = {n: m for n, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    layout = dit_names.kohya_layout({n: tuple(m.weight.shape) for n, m in layers.items()}, arch)
+    uncovered = set(layers) - {p.path for parts in layout.values() for p in parts}
+    if uncovered:
+        raise SaraFileError(f"diffusers layers with no kohya {arch} counterpart: {sorted(uncovered)[:5]}")
+    targets, stacked = [], []
+    for path, parts in layout.items():
+        first = layers[parts[0].path]
+        if len(parts) == 1 and parts[0].rows == first.weight.shape[0]:
+            module = first
+        else:
+            def stack(name):
+                tensors = [getattr(layers[p.path], name) for p in parts]
+                if any(t is None for t in tensors):
+                    return None
+                return torch.cat([t.detach()[p.start:p.start + p.rows] for t, p in zip(tensors, parts)])
+
+            module = _weight_module(stack("weight"), stack("bias"))
+            stacked.append((module, [(layers[p.path], p) for p in parts]))
+        targets.append(Target(kohya_name(UNET_PREFIX, path), path, module, "unet"))
+    return targets, stacked
+
+
+def load_diffusers_dit_folder(path: str, version: Optional[str] = None) -> BaseModel:
+    """A FLUX.1 / SD3 diffusers pipeline folder (transformer/, text encoders) under kohya's names."""
+    import os
+
+    import diffusers
+
+    from .compat import dtype_kwargs
+    from .network import all_targets
+
+    folder = os.path.join(path, "transformer")
+    with open(os.path.join(folder, "config.json")) as stream:
+        class_name = json.load(stream).get("_class_name")
+    arch = DIT_CLASSES.get(str(class_name))
+    if arch is None or not hasattr(diffusers, str(class_name)):
+        raise SaraFileError(f"{folder}: {class_name!r} is not a FLUX.1 / SD3 transformer this diffusers can load "
+                            f"(known: {', '.join(DIT_CLASSES)})")
+    transformer = getattr(diffusers, class_name).from_pretrained(
+        path, subfolder="transformer", **dtype_kwargs("diffusers", _stored_dtype(folder)))
+    models = {"transformer": transformer}
+    targets, stacked = dit_targets(transformer, arch)
+    folders = dit_names.TEXT_ENCODER_FOLDERS[arch]
+    models.update(_text_encoders(path, folders.values()))
+    for prefix, sub in folders.items():
+        if sub in models:
+            targets += all_targets(None, [models[sub]], [prefix])
+    if version is None:
+        config = transformer.config
+        version = "flux1" if arch == "flux" else _sd3_version(bool(config.get("qk_norm")),
+                                                              bool(config.get("dual_attention_layers")))
+    return BaseModel(path, version, targets, models=models, stacked=stacked)
+
+
+def _unet_prefix(keys: Iterable[str]) -> str:
+    """`model.diffusion_model.`, or "" for a bare transformer file (Black Forest Labs' FLUX.1 release)."""
+    return ldm_names.UNET_CHECKPOINT_PREFIX if any(k.startswith(ldm_names.UNET_CHECKPOINT_PREFIX) for k in keys) else ""
+
+
 def checkpoint_version(keys: Iterable[str]) -> str:
     keys = list(keys)
+    blocks = {k.split(".")[0] for k in keys} | {k.split(".")[2] for k in keys if k.startswith("model.diffusion_model.")}
+    if "double_blocks" in blocks:
+        return "flux1"
+    if "joint_blocks" in blocks:
+        return _sd3_version(any(".ln_q." in k for k in keys), any(".x_block.attn2." in k for k in keys))
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl_base_v1-0"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -711,18 +877,21 @@ def checkpoint_targets(state_dict: Mapping[str, torch.Tensor], version: str) -> 
     from .network import Target
 
     arch = ldm_names.get_arch(ARCH_OF_BASE_MODEL[version])
+    unet_prefix = _unet_prefix(state_dict) if arch.unet is None else ldm_names.UNET_CHECKPOINT_PREFIX
     targets = []
     for key, tensor in state_dict.items():
         if tensor.dim() not in (2, 4) or not key.endswith(("weight", "text_projection")):
             continue
         for chunk in ((0, 1, 2) if key.endswith("in_proj_weight") else (None,)):
             try:
-                name = ldm_names.kohya_name_for_checkpoint_key(key, arch, chunk)
+                name = ldm_names.kohya_name_for_checkpoint_key(key, arch, chunk, unet_prefix)
                 prefix, path = ldm_names.split_name(name, arch)
-                target = ldm_names.checkpoint_key(name, arch)
+                target = ldm_names.checkpoint_key(name, arch, unet_prefix)
             except ldm_names.UnknownModuleName:
                 continue
-            if prefix != ldm_names.UNET and not path.startswith(("text_model.encoder.layers.", "text_projection")):
+            if prefix != ldm_names.UNET and not (path.startswith(("text_model.encoder.layers.", "text_projection",
+                                                                  "encoder.block."))
+                                                 and "relative_attention_bias" not in path):
                 continue  # embeddings and norms are not Linear / Conv2d
             bias = state_dict.get(target.bias_key) if target.bias_key else None
             module = _weight_module(target.view(tensor), None if bias is None else target.view(bias))
@@ -778,7 +947,7 @@ def load_base(path: str, version: Optional[str] = None) -> BaseModel:
     import os
 
     if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "unet")):
+        if os.path.isdir(os.path.join(path, "unet")) or os.path.isdir(os.path.join(path, "transformer")):
             return load_diffusers_folder(path, version)
         if os.path.isfile(os.path.join(path, "config.json")):
             return load_diffusers_model_folder(path, version)
@@ -815,6 +984,7 @@ def bake(base: BaseModel, deltas: Sequence[ModuleDelta], source: str = "the SaRA
         if not bool(torch.isfinite(module.base.weight).all()):
             raise SaraFileError(f"{source}: module {module.sara_name}: the merged weight holds NaN or Inf (the deltas "
                                 f"overflow the base's {module.base.weight.dtype}, or the base already held them)")
+    base.write_back()
 
 
 def write_merged(base: BaseModel, output: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-from . import fileformat, ldm_names
+from . import dit_names, fileformat, ldm_names
 from .fileformat import ModuleDelta, SaraFileError
 
 HostKey = Union[str, tuple]  # Forge / ComfyUI: "x.weight", or (key, offset[, function])
@@ -136,6 +136,59 @@ def host_patches(deltas: Iterable[ModuleDelta], key_map: Mapping[str, HostKey],
     patches = {key_map[d.name]: weight_patch(d) for d in deltas if d.name in key_map}
     patches.update(bias_patches(deltas, key_map))
     return patches, [d.name for d in deltas if d.name not in key_map]
+
+
+def model_title(names: Iterable[str]) -> str:
+    """Which model kohya names are for, for messages: 'FLUX.1', 'SD3', 'SDXL', 'SD1/SD2' or 'unknown'.
+    Works on a file's names and on a host's key map (which also holds other spellings of each layer)."""
+    names = [n for n in names if isinstance(n, str)]
+    dit = dit_names.arch_of_names(names)
+    if dit:
+        return ldm_names.ARCHS[dit].title
+
+    def has(*prefixes):
+        return any(n.startswith(prefixes) for n in names)
+
+    if has("lora_te2_", "lora_unet_label_emb_"):
+        return "SDXL"
+    if has("lora_te_"):
+        return "SD1/SD2"
+    if has("lora_te1_") or (has("lora_unet_input_blocks_", "lora_unet_output_blocks_")
+                            and not has("lora_unet_down_blocks_")):
+        return "SDXL"
+    return "SD1/SD2" if has("lora_unet_down_blocks_", "lora_unet_up_blocks_") else "unknown"
+
+
+def module_shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, Optional[tuple]]:
+    """{kohya name: weight shape (None if unreadable)} of the SaRA modules in a state dict."""
+    shapes = {}
+    for name in module_names(tensors):
+        shape = tensors.get(f"{name}.sara_shape")
+        shapes[name] = tuple(int(x) for x in shape.tolist()) if shape is not None and shape.dim() == 1 else None
+    return shapes
+
+
+def check_fits(shapes: Mapping[str, Optional[tuple]], key_map: Mapping[str, HostKey],
+               host_shapes: Optional[Mapping[str, tuple]] = None, file: str = "the SaRA file") -> None:
+    """Refuse, before anything is applied, a native file made for another model. `shapes`: the file's
+    {kohya name: weight shape}. Every module of a model part the host has (its key map names U-Net /
+    transformer or text-encoder layers of that kohya prefix) must be in the key map, with the host
+    weight's size when `host_shapes` ({host key: shape}) is given. One error names both models."""
+    from .naming import component_of
+
+    if not shapes:
+        return
+    present = {component_of(k) for k in key_map if isinstance(k, str) and k.startswith(("lora_unet_", "lora_te"))}
+    missing = [n for n in shapes if component_of(n) in present and n not in key_map]
+    mismatched = [f"{name} {shape} vs {tuple(host_shapes[key])}" for name, shape in shapes.items()
+                  for key in [key_map.get(name)] if isinstance(key, str) and host_shapes is not None
+                  and key in host_shapes and shape is not None and math.prod(shape) != math.prod(host_shapes[key])]
+    if missing or mismatched or not any(n in key_map for n in shapes):
+        problems = ([f"{len(missing)} of {len(shapes)} modules have no layer in it ({', '.join(missing[:3])})"]
+                    if missing else []) + ([f"{len(mismatched)} have another size ({'; '.join(mismatched[:3])})"]
+                                           if mismatched else [])
+        raise SaraFileError(f"{file} is a {model_title(shapes)} SaRA file and does not fit this {model_title(key_map)} "
+                            f"model: {'; '.join(problems) or 'none of its modules is in it'}. Nothing was applied.")
 
 
 def without_modules(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:

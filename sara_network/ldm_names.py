@@ -1,5 +1,10 @@
 """kohya module names -> the names UIs and single-file checkpoints use (the original LDM layout).
 
+FLUX.1 and SD3 ("flux", "sd3") need no U-Net renaming: kohya's models (library/flux_models.py,
+sd3_models.py), ComfyUI, Forge and the single-file checkpoints all hold Black Forest Labs' / SAI's
+layout (`double_blocks.0.img_attn.qkv`, `joint_blocks.0.x_block.attn.qkv`), and their text encoders
+are HF CLIP / T5 everywhere. diffusers' split layout is dit_names.py's business.
+
 A SaRA file names modules as kohya does: diffusers-derived paths for the SD1/SD2 U-Net
 (`lora_unet_down_blocks_0_attentions_0_proj_in`), LDM paths for kohya's SDXL U-Net
 (`lora_unet_input_blocks_4_1_proj_in`; diffusers-trained SDXL files carry diffusers paths) and
@@ -41,7 +46,7 @@ class TextEncoder:
     """One text encoder as a checkpoint and A1111 hold it."""
 
     checkpoint_prefix: str  # state-dict prefix of the encoder's model
-    a1111_prefix: str  # A1111's network_layer_mapping name prefix
+    a1111_prefix: Optional[str]  # A1111's network_layer_mapping name prefix (None: A1111 has no such model)
     comfy_prefix: str  # ComfyUI / Forge clip state-dict prefix
     open_clip: bool  # OpenCLIP layout (fused in_proj, resblocks) instead of HF CLIP
 
@@ -49,21 +54,40 @@ class TextEncoder:
 @dataclasses.dataclass(frozen=True)
 class Arch:
     name: str
-    unet: UNetLayout
+    unet: Optional[UNetLayout]  # None: a DiT, whose kohya paths are its checkpoint paths
     text_encoders: dict  # kohya prefix -> TextEncoder
+    title: str = ""  # the model's name in messages
+
+    @property
+    def kohya_names_diffusers_unet(self) -> bool:
+        """kohya names this U-Net by diffusers paths (SD1/SD2), not LDM ones (SDXL) nor DiT ones."""
+        return self.unet is not None and self.name != "sdxl"
 
 
 _CLIP_L = TextEncoder("cond_stage_model.transformer.", "transformer_", "clip_l.transformer.", False)
 _SD_LAYOUT = UNetLayout(2, (True, True, True, False))
+
+
+def _dit_encoder(comfy_name: str) -> TextEncoder:
+    """A FLUX / SD3 text encoder: `text_encoders.<name>.transformer.` in single-file checkpoints (HF
+    layout, SD3's CLIP-G too), `<name>.transformer.` in ComfyUI and Forge."""
+    return TextEncoder(f"text_encoders.{comfy_name}.transformer.", None, f"{comfy_name}.transformer.", False)
+
+
 ARCHS = {
-    "sd1": Arch("sd1", _SD_LAYOUT, {"lora_te": _CLIP_L}),
+    "sd1": Arch("sd1", _SD_LAYOUT, {"lora_te": _CLIP_L}, "SD1"),
     "sd2": Arch("sd2", _SD_LAYOUT, {"lora_te": TextEncoder("cond_stage_model.model.", "model_", "clip_h.transformer.",
-                                                           True)}),
+                                                           True)}, "SD2"),
     "sdxl": Arch("sdxl", UNetLayout(2, (False, True, True)), {
         "lora_te1": TextEncoder("conditioner.embedders.0.transformer.", "0_transformer_", "clip_l.transformer.", False),
         "lora_te2": TextEncoder("conditioner.embedders.1.model.", "1_model_", "clip_g.transformer.", True),
-    }),
+    }, "SDXL"),
+    # kohya's lora_flux / lora_sd3 prefixes: CLIP-L te1, CLIP-G te2, T5-XXL always te3
+    "flux": Arch("flux", None, {"lora_te1": _dit_encoder("clip_l"), "lora_te3": _dit_encoder("t5xxl")}, "FLUX.1"),
+    "sd3": Arch("sd3", None, {"lora_te1": _dit_encoder("clip_l"), "lora_te2": _dit_encoder("clip_g"),
+                              "lora_te3": _dit_encoder("t5xxl")}, "SD3"),
 }
+UNET_CHECKPOINT_PREFIX = "model.diffusion_model."
 ArchLike = Union[str, Arch]
 
 
@@ -72,8 +96,12 @@ class UnknownModuleName(ValueError):
 
 
 def arch_of(metadata: dict) -> str:
-    """'sd1', 'sd2' or 'sdxl' from a file's ss_base_model_version / modelspec.architecture."""
+    """'sd1', 'sd2', 'sdxl', 'flux' or 'sd3' from a file's ss_base_model_version / modelspec.architecture."""
     version = str(metadata.get("ss_base_model_version", "")) + " " + str(metadata.get("modelspec.architecture", ""))
+    if "flux" in version:
+        return "flux"
+    if "stable-diffusion-3" in version or version.split(" ")[0] in ("medium", "5-medium", "5-large"):
+        return "sd3"
     if "sdxl" in version or "stable-diffusion-xl" in version:
         return "sdxl"
     if "sd_v2" in version or "stable-diffusion-v2" in version or metadata.get("ss_v2") == "True":
@@ -100,7 +128,14 @@ _COMPOUNDS = {tuple(word.split("_")) for word in (
     "add_embedding", "linear_1", "linear_2", "conv_shortcut", "time_emb_proj",
     # CLIP (HF and OpenCLIP)
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm", "layer_norm1",
-    "layer_norm2", "text_projection", "c_fc", "c_proj", "ln_1", "ln_2", "ln_final", "in_proj")}
+    "layer_norm2", "text_projection", "c_fc", "c_proj", "ln_1", "ln_2", "ln_final", "in_proj",
+    # T5 (FLUX / SD3 te3)
+    "wi_0", "wi_1", "relative_attention_bias",
+    # FLUX.1 (Black Forest Labs' layout)
+    "double_blocks", "single_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod", "img_in",
+    "txt_in", "time_in", "vector_in", "guidance_in", "in_layer", "out_layer", "final_layer", "adaLN_modulation",
+    # SD3 (SAI's MMDiT layout)
+    "joint_blocks", "x_block", "context_block", "x_embedder", "t_embedder", "y_embedder", "context_embedder")}
 
 
 def dotted(underscored: str) -> str:
@@ -121,7 +156,7 @@ def split_name(kohya_name: str, arch: ArchLike) -> tuple[str, str]:
     for prefix in (UNET, *arch.text_encoders):
         if kohya_name.startswith(prefix + "_"):
             return prefix, dotted(kohya_name[len(prefix) + 1:])
-    raise UnknownModuleName(f"{kohya_name}: not a {arch.name} module name "
+    raise UnknownModuleName(f"{kohya_name}: not a {arch.title or arch.name} module name "
                      f"(expected a prefix of {', '.join([UNET, *arch.text_encoders])})")
 
 
@@ -212,7 +247,7 @@ def ldm_unet_path(kohya_name: str, arch: ArchLike) -> str:
     prefix, path = split_name(kohya_name, arch)
     if prefix != UNET:
         raise UnknownModuleName(f"{kohya_name}: not a U-Net module")
-    return diffusers_to_ldm_unet(path, arch.unet) if is_diffusers_unet_path(path) else path
+    return diffusers_to_ldm_unet(path, arch.unet) if arch.unet is not None and is_diffusers_unet_path(path) else path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,13 +313,15 @@ class CheckpointTarget(NamedTuple):
         return part.t() if self.transposed else part
 
 
-def checkpoint_key(kohya_name: str, arch: ArchLike) -> CheckpointTarget:
+def checkpoint_key(kohya_name: str, arch: ArchLike, unet_prefix: str = UNET_CHECKPOINT_PREFIX) -> CheckpointTarget:
     """The checkpoint key(s) of a kohya module name: `model.diffusion_model.<ldm path>.weight`,
-    `cond_stage_model.transformer.<hf path>.weight` (SD1), `conditioner.embedders.0/1...` (SDXL)."""
+    `cond_stage_model.transformer.<hf path>.weight` (SD1), `conditioner.embedders.0/1...` (SDXL),
+    `text_encoders.t5xxl.transformer.<hf path>.weight` (FLUX / SD3). `unet_prefix`: "" for a bare
+    transformer file (Black Forest Labs' flux1-dev.safetensors)."""
     arch = get_arch(arch)
     prefix, path = split_name(kohya_name, arch)
     if prefix == UNET:
-        base = "model.diffusion_model." + ldm_unet_path(kohya_name, arch)
+        base = unet_prefix + ldm_unet_path(kohya_name, arch)
         return CheckpointTarget(base + ".weight", base + ".bias", None, False)
     encoder = arch.text_encoders[prefix]
     if not encoder.open_clip:
@@ -299,23 +336,24 @@ def checkpoint_key(kohya_name: str, arch: ArchLike) -> CheckpointTarget:
     return CheckpointTarget(base + ".weight", base + ".bias", None, False)
 
 
-def kohya_name_for_checkpoint_key(key: str, arch: ArchLike, chunk: Optional[int] = None) -> str:
+def kohya_name_for_checkpoint_key(key: str, arch: ArchLike, chunk: Optional[int] = None,
+                                  unet_prefix: str = UNET_CHECKPOINT_PREFIX) -> str:
     """The kohya name of a checkpoint weight key (the reverse of checkpoint_key; a fused
     `in_proj_weight` needs its q/k/v `chunk`). U-Net names come out as kohya writes them:
-    diffusers-style for SD1/SD2, LDM-style for SDXL."""
+    diffusers-style for SD1/SD2, LDM-style for SDXL, the checkpoint's own for FLUX / SD3."""
     arch = get_arch(arch)
     stem = re.sub(r"\.(in_proj_)?weight$", "", key)
-    if stem.startswith("model.diffusion_model."):
-        path = stem[len("model.diffusion_model."):]
-        if arch.name != "sdxl":
-            path = ldm_to_diffusers_unet(path, arch.unet)
-        return f"{UNET}_{path.replace('.', '_')}"
     for prefix, encoder in arch.text_encoders.items():
         if stem.startswith(encoder.checkpoint_prefix):
             path = stem[len(encoder.checkpoint_prefix):]
             if encoder.open_clip:
                 path = open_clip_to_hf(path, chunk)
             return f"{prefix}_{path.replace('.', '_')}"
+    if stem.startswith(unet_prefix) and (unet_prefix or not stem.startswith(("text_encoders.", "vae."))):
+        path = stem[len(unet_prefix):]
+        if arch.kohya_names_diffusers_unet:
+            path = ldm_to_diffusers_unet(path, arch.unet)
+        return f"{UNET}_{path.replace('.', '_')}"
     raise UnknownModuleName(f"{key}: not a {arch.name} U-Net or text-encoder key")
 
 
@@ -323,6 +361,8 @@ def a1111_module_name(kohya_name: str, arch: ArchLike) -> str:
     """The module's name in A1111's `sd_model.network_layer_mapping` (an OpenCLIP q/k/v maps to its
     fused MultiheadAttention `..._attn`; A1111 keys the q/k/v delta as `<that>_q_proj`)."""
     arch = get_arch(arch)
+    if arch.unet is None:
+        raise UnknownModuleName(f"{kohya_name}: AUTOMATIC1111 has no {arch.title} models")
     prefix, path = split_name(kohya_name, arch)
     if prefix == UNET:
         return "diffusion_model_" + ldm_unet_path(kohya_name, arch).replace(".", "_")

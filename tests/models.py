@@ -5,6 +5,10 @@
 - `tiny_sdxl()`: a small U-Net with the original (LDM / SAI) module names kohya's SDXL U-Net uses
   (`input_blocks.N.M...`, `middle_block`, `output_blocks`, `time_embed`, `label_emb`, `out`), and two
   text encoders (CLIPTextModel, CLIPTextModelWithProjection), as kohya's SDXL trainer hands over.
+- `tiny_flux()` / `tiny_sd3()`: a diffusers FluxTransformer2DModel / SD3Transformer2DModel (SD3.5
+  Medium style: q/k norms and a second attention) and its layers re-stacked into the layout kohya's
+  own FLUX / MMDiT classes have (`double_blocks.0.img_attn.qkv`, `joint_blocks.0.x_block.attn.qkv`),
+  with the text encoders kohya's trainers hand over (CLIP-L + T5 for FLUX; CLIP-L, CLIP-G, T5 for SD3).
 """
 from __future__ import annotations
 
@@ -214,6 +218,115 @@ def tiny_sdxl(seed: int = 0, text_layers: int = 2):
 
 
 # ---------------------------------------------------------------------------------------------
+# FLUX.1 / SD3: diffusers transformers, and the same layers in kohya's (Black Forest Labs' / SAI's) layout
+def tiny_t5(seed: int, hidden: int = CROSS_DIM):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=99, d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu")
+    return T5EncoderModel(config).eval()
+
+
+def tiny_flux_transformer(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    # one head of FLUX.1's width 128 (its rope axes 16, 56, 56, which ComfyUI's model detection assumes)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=128,
+                                  num_attention_heads=1, joint_attention_dim=CROSS_DIM, pooled_projection_dim=CROSS_DIM,
+                                  guidance_embeds=True, axes_dims_rope=(16, 56, 56)).eval()
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    # SAI's MMDiT (and ComfyUI's detection) ties the width to the depth: 64 per block, as many heads as blocks
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64,
+                                 num_attention_heads=2, joint_attention_dim=CROSS_DIM, caption_projection_dim=128,
+                                 pooled_projection_dim=2 * CROSS_DIM, out_channels=4, pos_embed_max_size=8,
+                                 dual_attention_layers=(0,), qk_norm="rms_norm").eval()
+
+
+def kohya_layout_model(transformer, arch: str) -> nn.Module:
+    """The transformer's Linear / Conv2d layers under kohya's paths (fused q/k/v, FLUX's linear1, original
+    AdaLN order), with copies of its weights: what kohya's own model classes hand the network.
+    No forward: the tests only select, patch and merge layers."""
+    from sara_network.convert import dit_targets
+
+    root = nn.Module()
+    for target in dit_targets(transformer, arch)[0]:
+        source = target.module
+        if isinstance(source, nn.Conv2d):
+            layer = nn.Conv2d(source.in_channels, source.out_channels, source.kernel_size, source.stride,
+                              bias=source.bias is not None)
+        else:
+            layer = nn.Linear(source.weight.shape[1], source.weight.shape[0], bias=source.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(source.weight)
+            if source.bias is not None:
+                layer.bias.copy_(source.bias)
+        owner, *parents = root, *target.path.split(".")[:-1]
+        for part in parents:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        owner.add_module(target.path.split(".")[-1], layer)
+    return root
+
+
+def tiny_flux(seed: int = 0):
+    transformer = tiny_flux_transformer(seed)
+    return types.SimpleNamespace(unet=kohya_layout_model(transformer, "flux"), diffusers=transformer, kind="flux",
+                                 text_encoders=[tiny_text_encoder(seed + 1), tiny_t5(seed + 2)])
+
+
+def tiny_sd3(seed: int = 0):
+    transformer = tiny_sd3_transformer(seed)
+    return types.SimpleNamespace(unet=kohya_layout_model(transformer, "sd3"), diffusers=transformer, kind="sd3",
+                                 text_encoders=[tiny_text_encoder(seed + 1, with_projection=True, layers=3),  # hosts
+                                                tiny_text_encoder(seed + 2, with_projection=True, layers=3),  # read -2
+                                                tiny_t5(seed + 3)])
+
+
+# the transformers' parameters that are not Linear / Conv2d weights: diffusers name -> original name
+OTHER_PARAMETERS = {
+    "flux": [(r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "double_blocks.{}.img_attn.norm.query_norm.scale"),
+             (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "double_blocks.{}.img_attn.norm.key_norm.scale"),
+             (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", "double_blocks.{}.txt_attn.norm.query_norm.scale"),
+             (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", "double_blocks.{}.txt_attn.norm.key_norm.scale"),
+             (r"single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "single_blocks.{}.norm.query_norm.scale"),
+             (r"single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "single_blocks.{}.norm.key_norm.scale")],
+    "sd3": [(r"pos_embed\.pos_embed", "pos_embed"),
+            (r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", "joint_blocks.{}.x_block.attn.ln_q.weight"),
+            (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", "joint_blocks.{}.x_block.attn.ln_k.weight"),
+            (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", "joint_blocks.{}.context_block.attn.ln_q.weight"),
+            (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", "joint_blocks.{}.context_block.attn.ln_k.weight"),
+            (r"transformer_blocks\.(\d+)\.attn2\.norm_q\.weight", "joint_blocks.{}.x_block.attn2.ln_q.weight"),
+            (r"transformer_blocks\.(\d+)\.attn2\.norm_k\.weight", "joint_blocks.{}.x_block.attn2.ln_k.weight")],
+}
+
+
+def original_layout_state_dict(models) -> dict:
+    """The whole transformer in its original single-file layout (what a FLUX / SD3 checkpoint, ComfyUI
+    and Forge hold): kohya's layers (models.unet) plus the diffusers transformer's other parameters
+    (q/k norms, SD3's position table), renamed."""
+    import re
+
+    checkpoint = {k: v.detach().clone() for k, v in models.unet.state_dict().items()}
+    for key, value in models.diffusers.state_dict().items():
+        for pattern, original in OTHER_PARAMETERS[models.kind]:
+            match = re.fullmatch(pattern, key)
+            if match:
+                checkpoint[original.format(*match.groups())] = value.detach().clone()
+    return checkpoint
+
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "5-medium"}
+
+
+# ---------------------------------------------------------------------------------------------
 def random_sara_file(models, path: str, seed: int, metadata: dict):
     """A SaRA network on `models` (5% density, biases too) with random deltas, saved to `path`;
     fp16-exact values, so the fp16 file is lossless. Returns the network, applied to the models."""
@@ -226,8 +339,7 @@ def random_sara_file(models, path: str, seed: int, metadata: dict):
     with torch.no_grad():
         for parameter in net.trainable_parameters():
             parameter.copy_((torch.randn(parameter.shape, generator=generator) * 0.1).half().float())
-    version = "sdxl_base_v1-0" if models.kind == "sdxl" else "sd_v1"
-    net.save(path, torch.float16, {"ss_base_model_version": version, **metadata})
+    net.save(path, torch.float16, {"ss_base_model_version": BASE_MODEL_VERSION[models.kind], **metadata})
     return net
 
 

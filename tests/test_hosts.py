@@ -147,11 +147,19 @@ def ldm_checkpoint(weights):
     return checkpoint
 
 
-@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def tiny_models(kind):
+    from tests.models import tiny_flux, tiny_sd3
+
+    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl, "flux": tiny_flux, "sd3": tiny_sd3}[kind]()
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl", "flux", "sd3"])
 def setup(request, tmp_path_factory):
+    if request.param in ("flux", "sd3"):
+        pytest.importorskip("diffusers", minversion="0.30")
     tmp_path = tmp_path_factory.mktemp(request.param)
-    models = tiny_sd1() if request.param == "sd1" else tiny_sdxl()
-    arch = TINY_SD1 if request.param == "sd1" else "sdxl"
+    models = tiny_models(request.param)
+    arch = TINY_SD1 if request.param == "sd1" else request.param
     base = copy.deepcopy(models)
     path = str(tmp_path / f"{models.kind}.safetensors")
     net = random_sara_file(models, path, seed=3, metadata={"ss_output_name": "style"})
@@ -165,8 +173,9 @@ def test_native_file_has_what_the_lora_pages_read(setup):
     """A1111 / Forge list a file by ss_output_name, SD version (Forge: modelspec.architecture for SD1,
     ss_base_model_version for SDXL) and sshs_model_hash."""
     metadata = fileformat.read_tensors(setup["path"])[1]
-    architecture = {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-    kind = "sdxl" if setup["arch"] == "sdxl" else "sd1"
+    architecture = {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
+                    "flux": "flux-1-dev/lora", "sd3": "stable-diffusion-3-5-medium/lora"}
+    kind = setup["arch"] if isinstance(setup["arch"], str) else "sd1"
     assert metadata["modelspec.architecture"] == architecture[kind]
     assert metadata["ss_output_name"] == "style" and len(metadata["sshs_model_hash"]) == 64
 
@@ -183,6 +192,8 @@ def test_checkpoint_merge_is_exact(setup):
 
 def test_a1111_calc_updown_is_exact(setup):
     """A1111: the module found under a1111_module_name gets weight + multiplier * module_delta."""
+    if setup["arch"] in ("flux", "sd3"):
+        pytest.skip("A1111 has no FLUX.1 / SD3")
     def a1111_name(key):  # how A1111 names the module holding a checkpoint key (network_layer_mapping)
         for prefix, short in (("model.diffusion_model.", "diffusion_model_"), ("cond_stage_model.transformer.",
                               "transformer_"), ("conditioner.embedders.0.transformer.", "0_transformer_"),
@@ -292,3 +303,45 @@ def test_module_delta_shapes():
         host_patch.module_from_state_dict({"m.sara_values": torch.zeros(1), "m.sara_indices": indices[:1],
                                            "m.sara_shape": torch.tensor([2.0, 3.0])}, "m")
     assert host_patch.module_from_state_dict({"m.lora_up.weight": torch.zeros(1)}, "m") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# a file for another model
+def comfy_like_key_map(models, arch):
+    """The kohya names a host's key map holds for a model (ComfyUI's and Forge's hold these and more)."""
+    prefixes = text_encoder_prefixes(models.text_encoders)
+    return {t.name: ldm_names.comfy_key(t.name, arch)
+            for t in all_targets(models.unet, models.text_encoders, prefixes)}
+
+
+@pytest.mark.parametrize("file_kind, host_kind", [("flux", "sdxl"), ("sdxl", "flux"), ("sd3", "flux"),
+                                                  ("sd1", "sdxl"), ("sdxl", "sd1")])
+def test_a_file_for_another_model_is_refused_whole(tmp_path, file_kind, host_kind):
+    """host_patch.check_fits (run by the ComfyUI and Forge loaders before any patch exists): one error
+    naming the file's model and the host's."""
+    if "flux" in (file_kind, host_kind) or "sd3" in (file_kind, host_kind):
+        pytest.importorskip("diffusers", minversion="0.30")
+    path = str(tmp_path / "file.safetensors")
+    random_sara_file(tiny_models(file_kind), path, seed=1, metadata={})
+    shapes = host_patch.module_shapes(fileformat.read_tensors(path)[0])
+    host = tiny_models(host_kind)
+    key_map = comfy_like_key_map(host, TINY_SD1 if host_kind == "sd1" else host_kind)
+    titles = {"sd1": "SD1/SD2", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3"}
+    with pytest.raises(fileformat.SaraFileError,
+                       match=f"is a {titles[file_kind]} SaRA file and does not fit this {titles[host_kind]} model"):
+        host_patch.check_fits(shapes, key_map)
+    host_patch.check_fits(shapes, comfy_like_key_map(tiny_models(file_kind), TINY_SD1 if file_kind == "sd1"
+                                                     else file_kind))  # its own model: fits
+
+
+def test_check_fits_reads_parts_and_sizes(setup):
+    shapes = {d.name: d.shape for d in setup["deltas"]}
+    key_map = {name: ldm_names.comfy_key(name, setup["arch"]) for name in setup["base"]}
+    unet_only = {name: key for name, key in key_map.items() if name.startswith("lora_unet_")}
+    host_patch.check_fits(shapes, unet_only)  # a model-only loader: the text-encoder modules are not its business
+    host_shapes = {key: tuple(setup["base"][name][0].weight.shape) for name, key in key_map.items()}
+    host_patch.check_fits(shapes, key_map, host_shapes)
+    name = next(n for n in shapes if n.startswith("lora_unet_"))
+    host_shapes[key_map[name]] = (1, 1)
+    with pytest.raises(fileformat.SaraFileError, match="1 have another size"):
+        host_patch.check_fits(shapes, key_map, host_shapes)

@@ -1,4 +1,5 @@
-"""Run our UI extension inside a host's own loader code, on tiny random SD1 and SDXL models (CPU).
+"""Run our UI extension inside a host's own loader code, on tiny random models (CPU): SD1 and SDXL
+everywhere, FLUX.1 and SD3 where the host has them (ComfyUI, Forge).
 
     python tools/check_in_host.py --host a1111   --path ~/stable-diffusion-webui
     python tools/check_in_host.py --host forge   --path ~/stable-diffusion-webui-forge
@@ -29,11 +30,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", choices=HOSTS, required=True)
     parser.add_argument("--path", required=True, help="the host's checkout (its root folder)")
+    parser.add_argument("--kinds", help="comma-separated models to check (default: every one the host has, "
+                                        "sd1,sdxl[,flux,sd3])")
     args = parser.parse_args(argv)
     host = importlib.import_module(f"tools.host_checks.{args.host}")
+    kinds = args.kinds.split(",") if args.kinds else list(host.KINDS)
+    unknown = sorted(set(kinds) - set(host.KINDS))
+    if unknown:
+        parser.error(f"{args.host} has no {', '.join(unknown)} models here (it has {', '.join(host.KINDS)})")
     report = Report()
     with tempfile.TemporaryDirectory() as folder:
-        cases = [make_case(kind, folder) for kind in ("sd1", "sdxl")]
+        cases = [make_case(kind, folder) for kind in kinds]
         host.check(os.path.abspath(args.path), cases, report)
     print(f"{args.host}: {report.checked} weights checked, {report.failed} failures")
     return 1 if report.failed or not report.checked else 0

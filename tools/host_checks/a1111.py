@@ -66,6 +66,8 @@ from sara_network import fileformat, ldm_names
 from tools.host_checks import common
 from tools.host_checks.common import ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Case, Report, load_file_module
 
+KINDS = ("sd1", "sdxl")  # the models this host check builds
+
 EXTENSION = os.path.join(ROOT, "integrations/a1111/sd-webui-sara/scripts/sara_network_a1111.py")
 REPOSITORIES = ("stable-diffusion-stability-ai", "generative-models")
 

@@ -23,17 +23,23 @@ Run against ComfyUI 3cd7b32f (2026-01-07) and v0.14.1 (19236edf) on CPU with tor
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import re
 import sys
+import types
 
 import torch
 
-from tools.host_checks.common import (ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report, check_weights, compare_outputs,
-                                      host_keys)
+from tests.models import original_layout_state_dict
+from tools.host_checks.common import (EXPORTS, ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report, check_weights,
+                                      compare_outputs, export_case, host_keys)
 
+KINDS = ("sd1", "sdxl", "flux", "sd3")  # the models this host check builds
 CLIP_VOCABULARY = 49408
+COMFY_TEXT_ENCODERS = {"sd1": ("clip_l",), "sdxl": ("clip_l", "clip_g"), "flux": ("clip_l", "t5xxl"),
+                       "sd3": ("clip_l", "clip_g", "t5xxl")}
 SD1_UNET_CONFIG = {  # the tiny diffusers U-Net of tests/models.py in ComfyUI's terms
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
     "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
@@ -65,8 +71,11 @@ def hf_key(key: str) -> str:
 
 
 def clip_config(text_encoder) -> dict:
-    """ComfyUI's CLIP config keys for one of our tiny transformers text encoders."""
+    """ComfyUI's CLIP / T5 config keys for one of our tiny transformers text encoders."""
     config = text_encoder.config
+    if config.model_type == "t5":
+        return {"d_ff": config.d_ff, "d_kv": config.d_kv, "d_model": config.d_model, "num_heads": config.num_heads,
+                "num_layers": config.num_layers, "vocab_size": config.vocab_size}
     return {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
             "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
             "vocab_size": config.vocab_size, "max_position_embeddings": config.max_position_embeddings,
@@ -91,26 +100,64 @@ def comfy_models(case, report: Report):
             report.fail(f"comfyui {case.kind}: no LDM key for diffusers weights {unconverted[:4]}")
         unet_state = {to_ldm[k]: v for k, v in unet_state.items() if k in to_ldm}
         model_config = comfy.supported_models.SD15(unet_config)
-        encoders = {"clip_l": case.models.text_encoders[0]}
-    else:
+    elif case.kind == "sdxl":
         unet_config = comfy.model_detection.detect_unet_config(unet_state, "")
         model_config = comfy.supported_models.SDXL(unet_config)
-        encoders = {"clip_l": case.models.text_encoders[0], "clip_g": case.models.text_encoders[1]}
+    else:  # FLUX / SD3: kohya's layout is ComfyUI's; the q/k norms (and SD3's position table) come along
+        unet_state = original_layout_state_dict(case.models)
+        unet_config = comfy.model_detection.detect_unet_config(unet_state, "")
+        if case.kind == "flux":  # ComfyUI's detection takes FLUX.1's widths as given: the tiny ones here
+            patch = unet_config["patch_size"]
+            unet_config.update(hidden_size=unet_state["img_in.weight"].shape[0],
+                               num_heads=unet_state["img_in.weight"].shape[0]
+                               // unet_state["double_blocks.0.img_attn.norm.key_norm.scale"].shape[0],
+                               context_in_dim=unet_state["txt_in.weight"].shape[1],
+                               out_channels=unet_state["final_layer.linear.weight"].shape[0] // patch ** 2)
+        model_config = (comfy.supported_models.Flux if case.kind == "flux" else comfy.supported_models.SD3)(unet_config)
+    encoders = dict(zip(COMFY_TEXT_ENCODERS[case.kind], case.models.text_encoders))
     model_config.set_inference_dtype(torch.float32, None)
     checkpoint = {f"model.diffusion_model.{k}": v for k, v in unet_state.items()}
     model = model_config.get_model(checkpoint, "model.diffusion_model.", device=torch.device("cpu"))
     model.load_model_weights(checkpoint, "model.diffusion_model.")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
-    clip_state = {f"{prefix}.transformer.{hf_key(k)}": v.clone() for prefix, encoder in encoders.items()
-                  for k, v in encoder.state_dict().items()}
+    clip_state = {f"{prefix}.transformer.{k if prefix == 't5xxl' else hf_key(k)}": v.clone()
+                  for prefix, encoder in encoders.items() for k, v in encoder.state_dict().items()
+                  if k != "encoder.embed_tokens.weight"}  # HF T5's tied copy of `shared`; ComfyUI has one
     for key, value in clip_state.items():  # ComfyUI's CLIP has the real 49408-token vocabulary
         if key.endswith("token_embedding.weight"):
             clip_state[key] = torch.cat([value, value.new_zeros(CLIP_VOCABULARY - len(value), value.shape[1])])
     options = {f"{prefix}_model_config": clip_config(encoder) for prefix, encoder in encoders.items()}
-    clip = comfy.sd.CLIP(model_config.clip_target(state_dict=clip_state), state_dict=clip_state,
-                         model_options=dict(options, dtype=torch.float32))
+    detected = {f"text_encoders.{k}": v for k, v in clip_state.items()}  # how a checkpoint names them
+    target, model_options = model_config.clip_target(state_dict=detected), dict(options, dtype=torch.float32)
+    if "state_dict" in inspect.signature(comfy.sd.CLIP.__init__).parameters:
+        clip = comfy.sd.CLIP(target, state_dict=clip_state, model_options=model_options)
+    else:  # ComfyUI before late 2025: loaded after construction, as its load_checkpoint_guess_config does
+        clip = comfy.sd.CLIP(target, model_options=model_options)
+        missing, unexpected = clip.load_sd(clip_state, full_model=True)
+        # ComfyUI's CLIP-L has an (identity) text_projection that HF's CLIPTextModel lacks; it fills it in
+        for key in [k for k in missing if not k.endswith(("logit_scale", "clip_l.transformer.text_projection.weight"))
+                    ] + unexpected:
+            report.fail(f"comfyui {case.kind} CLIP: {'missing' if key in missing else 'unexpected'} weight {key}")
     return patcher, clip
+
+
+def torchvision_stand_in() -> bool:
+    """ComfyUI's model_base imports torchvision.transforms for one model (Cosmos) that nothing here
+    builds. Where torchvision does not load (no build for this torch here), an empty module stands in."""
+    try:
+        import torchvision.transforms  # noqa: F401
+        return False
+    except (ImportError, RuntimeError):
+        import transformers
+
+        transformers.utils.is_torchvision_available()  # decided (absent) before the stand-in exists
+        for name in [name for name in sys.modules if name.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        package, transforms = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+        package.transforms = transforms
+        sys.modules.update({"torchvision": package, "torchvision.transforms": transforms})
+        return True
 
 
 def target_of(model_patcher_or_clip, key: str):
@@ -126,6 +173,8 @@ def check(path: str, cases, report: Report) -> None:
     import comfy.options
 
     comfy.options.enable_args_parsing()  # as main.py does, so that --cpu is read
+    if torchvision_stand_in():
+        print("  torchvision does not load here: an empty torchvision.transforms stands in (only Cosmos uses it)")
     log = WarningLog()
     logging.getLogger().addHandler(log)
     import comfy.lora
@@ -140,12 +189,14 @@ def check(path: str, cases, report: Report) -> None:
     if not asyncio.run(nodes.load_custom_node(package)) or "LoadSaRA" not in nodes.NODE_CLASS_MAPPINGS:
         report.fail(f"ComfyUI did not load the custom node package {package}")
         return
+    built = {}
     for case in cases:
         folder_paths.add_model_folder_path("loras", os.path.dirname(case.path))
         filename = os.path.basename(case.path)
         if filename not in folder_paths.get_filename_list("loras"):
             report.fail(f"{filename} is not listed in ComfyUI's loras")
         model, clip = comfy_models(case, report)
+        built[case.kind] = (case, model, clip)
         for message in log.take():
             report.fail(f"comfyui {case.kind} model load: {message[:300]}")
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
@@ -170,6 +221,21 @@ def check(path: str, cases, report: Report) -> None:
         if hasattr(comfy.sd, "load_bypass_lora_for_models"):  # ComfyUI 0.9+: "Load LoRA (Bypass)"
             check_bypass(case, keys, model, clip, filename, log, report)
 
+        if case.kind in ("flux", "sd3"):  # the exports, through the stock LoraLoader (ComfyUI's own adapters)
+            for export in EXPORTS:
+                exported = export_case(case, export, os.path.dirname(case.path))
+                label = f"comfyui {case.kind} LoraLoader {export}"
+                patched_model, patched_clip = nodes.LoraLoader().load_lora(
+                    model, clip, os.path.basename(exported.path), UNET_MULTIPLIER, TE_MULTIPLIER)
+                for message in log.take():
+                    report.fail(f"{label}: {message[:300]}")
+                comfy.model_management.load_models_gpu([patched_model])
+                patched_clip.load_model()
+                check_weights(label, exported, keys, patched_model.model.state_dict(),
+                              patched_clip.cond_stage_model.state_dict(), base_unet, base_clip, report,
+                              exact=EXPORTS[export][1])
+                comfy.model_management.unload_all_models()
+
         # Low VRAM: ComfyUI leaves a U-Net layer's weight alone and patches it in each forward
         patched_model, _ = nodes.LoraLoader().load_lora(model, clip, filename, UNET_MULTIPLIER, TE_MULTIPLIER)
         patched_model.patch_model(lowvram_model_memory=1)  # a 1-byte budget: no layer fits
@@ -185,7 +251,38 @@ def check(path: str, cases, report: Report) -> None:
         patched_model.unpatch_model()
         check_weights(f"comfyui {case.kind} low-vram unpatched", case, {}, model.model.state_dict(),
                       clip.cond_stage_model.state_dict(), base_unet, base_clip, report)
+    check_other_models_files(built, nodes, report)
     logging.getLogger().removeHandler(log)
+
+
+def check_other_models_files(built, nodes, report: Report) -> None:
+    """A file for another model (a FLUX file on the SDXL model ...) through LoraLoader and Load SaRA:
+    one error naming both models, and the model's weights untouched."""
+    import comfy.model_management
+
+    titles = {"sd1": "SD1/SD2", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3"}
+    pairs = [(a, b) for a in built for b in built if a != b and "sd1" not in (a, b)]
+    for file_kind, model_kind in pairs:
+        filename = os.path.basename(built[file_kind][0].path)
+        case, model, clip = built[model_kind]
+        before = {k: v.clone() for k, v in model.model.state_dict().items()}
+        for label, load in (("LoraLoader", nodes.LoraLoader().load_lora),
+                            ("Load SaRA", nodes.NODE_CLASS_MAPPINGS["LoadSaRA"]().load_sara)):
+            try:
+                patched, _ = load(model, clip, filename, UNET_MULTIPLIER, TE_MULTIPLIER)
+                comfy.model_management.load_models_gpu([patched])
+                report.fail(f"comfyui {label}: a {file_kind} file on the {model_kind} model was not refused")
+            except Exception as error:  # what ComfyUI shows on the node
+                report.checked += 1
+                message = str(error)
+                wanted = f"is a {titles[file_kind]} SaRA file and does not fit this {titles[model_kind]} model"
+                if wanted not in message:
+                    report.fail(f"comfyui {label}: {file_kind} file on {model_kind}: {message[:300]}")
+            comfy.model_management.unload_all_models()
+        changed = [k for k, v in model.model.state_dict().items() if not torch.equal(v, before[k])]
+        if changed:
+            report.fail(f"comfyui: a refused {file_kind} file changed the {model_kind} model: {changed[:3]}")
+    print(f"  comfyui: {len(pairs)} files for another model refused by LoraLoader and Load SaRA, nothing applied")
 
 
 def check_bypass(case, keys, model, clip, filename, log, report: Report) -> None:

@@ -1,7 +1,8 @@
 """What every host check shares: the tiny models, the native files, the expected weights, the report.
 
-A case is one tiny model (SD1-style with diffusers names, or SDXL-style with LDM names) with a SaRA
-network of random deltas saved as a native file. The expected weights come from the network itself
+A case is one tiny model (SD1-style with diffusers names, SDXL-style with LDM names, or a FLUX.1 /
+SD3.5-Medium-style transformer in kohya's layout, see tests/models.py) with a SaRA network of random
+deltas saved as a native file. The expected weights come from the network itself
 (`SaraNetwork.merge_into_base`), never from the host glue or `host_patch`: U-Net modules at
 UNET_MULTIPLIER, text-encoder modules at TE_MULTIPLIER, as the UIs' separate multipliers do.
 """
@@ -26,7 +27,7 @@ if ROOT not in sys.path:
 from sara_network import ldm_names  # noqa: E402
 from sara_network.naming import text_encoder_prefixes  # noqa: E402
 from sara_network.network import all_targets  # noqa: E402
-from tests.models import random_sara_file, tiny_sd1, tiny_sdxl  # noqa: E402
+from tests.models import random_sara_file, tiny_flux, tiny_sd1, tiny_sd3, tiny_sdxl  # noqa: E402
 
 UNET_MULTIPLIER = 0.7
 TE_MULTIPLIER = 0.4
@@ -35,7 +36,7 @@ TINY_SD1 = ldm_names.Arch("sd1", ldm_names.UNetLayout(1, (True, False)), ldm_nam
 
 @dataclasses.dataclass
 class Case:
-    kind: str              # "sd1" or "sdxl"
+    kind: str              # "sd1", "sdxl", "flux" or "sd3"
     models: object         # the untouched tiny models (unet, text_encoders)
     base: dict             # kohya module name -> untouched module
     expected: dict         # kohya module name -> module with base + multiplier * delta merged
@@ -60,7 +61,9 @@ def _modules(models) -> dict:
 
 
 def make_case(kind: str, folder: str) -> Case:
-    models = tiny_sd1() if kind == "sd1" else tiny_sdxl(text_layers=3)  # SDXL hosts read the penultimate layer
+    builders = {"sd1": tiny_sd1, "sdxl": lambda: tiny_sdxl(text_layers=3),  # SDXL hosts read the penultimate layer
+                "flux": tiny_flux, "sd3": tiny_sd3}
+    models = builders[kind]()
     base = copy.deepcopy(models)
     path = os.path.join(folder, f"sara_tiny_{kind}.safetensors")
     net = random_sara_file(models, path, seed=7, metadata={"ss_output_name": f"tiny {kind} alias"})
@@ -69,7 +72,7 @@ def make_case(kind: str, folder: str) -> Case:
     te_net.merge_into_base(TE_MULTIPLIER)
     expected = {name: module for name, module in _modules(models).items() if name.startswith("lora_unet_")}
     expected.update({name: module for name, module in _modules(te_models).items() if not name.startswith("lora_unet_")})
-    return Case(kind, base, _modules(base), expected, path, TINY_SD1 if kind == "sd1" else "sdxl")
+    return Case(kind, base, _modules(base), expected, path, TINY_SD1 if kind == "sd1" else kind)
 
 
 class Report:
@@ -91,8 +94,10 @@ class Report:
             print(f"  MISMATCH {label}: shapes {tuple(got.shape)} / {tuple(expected.shape)}, max |diff| {diff:.3g}")
 
 
-def check_weights(label, case, keys, unet_state, clip_state, base_unet, base_clip, report: Report) -> None:
-    """Patched modules equal the expected weights (and biases); every other tensor equals the base."""
+def check_weights(label, case, keys, unet_state, clip_state, base_unet, base_clip, report: Report,
+                  exact: bool = True) -> None:
+    """Patched modules equal the expected weights (and biases; to fp32 rounding unless `exact`); every
+    other tensor equals the base."""
     expected = {}
     for name, key in keys.items():
         expected[key] = case.expected[name].weight
@@ -104,7 +109,7 @@ def check_weights(label, case, keys, unet_state, clip_state, base_unet, base_cli
         if changed:
             report.fail(f"{label}: {len(changed)} weights changed that the file does not patch: {changed[:4]}")
         for key in expected.keys() & base.keys():
-            report.compare(f"{label} {key}", state[key], expected[key])
+            report.compare(f"{label} {key}", state[key], expected[key], exact)
     if keys:
         print(f"  {label}: {len(expected)} tensors compared ({patched} changed by the file)")
 
@@ -172,7 +177,7 @@ def check_listing(case: Case, lora_dir: str, networks, report: Report, label: st
 
     with open(case.path, "rb") as file:
         own_hash = hashes.addnet_hash_safetensors(file)
-    version = "SDXL" if case.kind == "sdxl" else "SD1"
+    version = {"sd1": "SD1", "sdxl": "SDXL", "flux": "Flux"}[case.kind]
     for what, got, want in (("alias", on_disk.alias, metadata["ss_output_name"]),
                             ("sd_version", on_disk.sd_version.name, version),
                             ("shorthash", on_disk.shorthash, metadata["sshs_model_hash"][:12]),
@@ -181,3 +186,34 @@ def check_listing(case: Case, lora_dir: str, networks, report: Report, label: st
         if got != want:
             report.fail(f"{label}: NetworkOnDisk {what} is {got!r}, expected {want!r}")
     return on_disk
+
+
+# the exports a UI loads instead of the native file: (sara command line after input and output, exact,
+# carries bias deltas, kohya prefixes it leaves out). Full-rank fp32 LoRAs: equal to fp32 rounding.
+EXPORTS = {
+    "to-diff": (["to-diff", "--dtype", "fp32"], True, True, ()),
+    "to-lora": (["to-lora", "--rank", "4096", "--svd", "exact", "--dtype", "fp32", "--show", "0"], False, False, ()),
+    "to-lora --format diffusers": (["to-lora", "--rank", "4096", "--svd", "exact", "--dtype", "fp32", "--show", "0", "--format",
+                                    "diffusers"], False, False, ("lora_te3_",)),  # FLUX.1 / SD3 only; no T5
+}
+
+
+def export_case(case: Case, export: str, folder: str) -> Case:
+    """The case with its native file exported by the `sara` command line, and the weights that export
+    must give (a LoRA drops bias deltas; diffusers' format leaves T5 out)."""
+    from sara_network import cli
+
+    command, _, keeps_bias, left_out = EXPORTS[export]
+    path = os.path.join(folder, f"sara_tiny_{case.kind}_{export.replace(' ', '_').replace('-', '')}.safetensors")
+    if cli.main([command[0], case.path, path, *command[1:], "-q", "--overwrite"]) != 0:
+        raise RuntimeError(f"sara {' '.join(command)} failed on {case.path}")
+    expected = {}
+    for name, module in case.expected.items():
+        if name.startswith(left_out):
+            expected[name] = case.base[name]
+        elif keeps_bias or module.bias is None:
+            expected[name] = module
+        else:
+            expected[name] = copy.deepcopy(module)
+            expected[name].bias = case.base[name].bias
+    return dataclasses.replace(case, path=path, expected=expected)

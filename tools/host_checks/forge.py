@@ -47,8 +47,12 @@ import types
 
 import torch
 
-from tools.host_checks.common import (ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report, check_listing, check_weights,
-                                      compare_outputs, host_keys, load_file_module, read_safetensors_metadata)
+from tests.models import original_layout_state_dict
+from tools.host_checks.common import (EXPORTS, ROOT, TE_MULTIPLIER, UNET_MULTIPLIER, Report, check_listing,
+                                      check_weights, compare_outputs, export_case, host_keys, load_file_module,
+                                      read_safetensors_metadata)
+
+KINDS = ("sd1", "sdxl", "flux")  # the models this host check builds (Forge has no SD3 Lora version)
 
 SD1_UNET_CONFIG = {  # the tiny diffusers U-Net of tests/models.py in LDM terms, to rename its weights
     "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
@@ -76,8 +80,44 @@ def install_stand_ins(lora_dir: str) -> None:
     shared.walk_files = modules.util.walk_files
 
 
+def forge_flux(case):
+    """A UnetPatcher holding the case's untouched FLUX transformer (kohya's layout is Forge's), built as
+    Forge's loader and Flux engine build one: huggingface_guess's Flux config, IntegratedFluxTransformer2DModel
+    under using_forge_operations, loaded strict, and the engine's PredictionFlux."""
+    from huggingface_guess import model_list
+    from huggingface_guess.detection import detect_unet_config
+
+    from backend import memory_management
+    from backend.modules.k_prediction import PredictionFlux
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from backend.operations import using_forge_operations
+    from backend.patcher.unet import UnetPatcher
+
+    state = original_layout_state_dict(case.models)
+    guess = model_list.Flux(detect_unet_config(state, ""))
+    unet_config = dict(guess.unet_config)
+    unet_config.pop("image_model", None)
+    hidden = state["img_in.weight"].shape[0]  # huggingface_guess takes FLUX.1's sizes as given: the tiny ones
+    unet_config.update(hidden_size=hidden, num_heads=hidden // state["double_blocks.0.img_attn.norm.key_norm.scale"].shape[0],
+                       context_in_dim=state["txt_in.weight"].shape[1], vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
+                       in_channels=state["img_in.weight"].shape[1] // 4,
+                       **{depth: 1 + max(int(k.split(".")[1]) for k in state if k.startswith(blocks))
+                          for depth, blocks in (("depth", "double_blocks."), ("depth_single_blocks", "single_blocks."))})
+    cpu = memory_management.cpu
+    with using_forge_operations(device=cpu, dtype=torch.float32, manual_cast_enabled=False):
+        unet = IntegratedFluxTransformer2DModel(**unet_config).to(device=cpu, dtype=torch.float32)
+    unet.load_state_dict(state, strict=True)
+    unet.config = unet_config  # as the loader does for a model without _internal_dict
+    unet.storage_dtype = unet.computation_dtype = torch.float32
+    unet.load_device = unet.initial_device = unet.offload_device = cpu
+    predictor = PredictionFlux(seq_len=4096, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    return UnetPatcher.from_model(unet, diffusers_scheduler=None, k_predictor=predictor, config=guess)
+
+
 def forge_unet(case, report: Report):
     """A UnetPatcher holding the case's untouched U-Net, built as Forge's loader builds one."""
+    if case.kind == "flux":
+        return forge_flux(case)
     from diffusers import EulerDiscreteScheduler
     from huggingface_guess import model_list
     from huggingface_guess.detection import detect_unet_config
@@ -119,13 +159,19 @@ def forge_clip(case, report: Report):
     from backend.operations import using_forge_operations
     from backend.patcher.clip import CLIP
 
-    names = ("clip_l", "clip_g")[:len(case.models.text_encoders)]
+    names = ("clip_l", "t5xxl") if case.kind == "flux" else ("clip_l", "clip_g")[:len(case.models.text_encoders)]
     models = {}
     for name, encoder in zip(names, case.models.text_encoders):
         to_args = dict(device=memory_management.cpu, dtype=torch.float32)
         with modeling_utils.no_init_weights(), using_forge_operations(**to_args, manual_cast_enabled=True):
-            model = IntegratedCLIP(CLIPTextModel, encoder.config, add_text_projection=True).to(**to_args)
-        state = {f"transformer.{k}": v.clone() for k, v in encoder.state_dict().items()}
+            if name == "t5xxl":  # as the loader builds T5EncoderModel components
+                from backend.nn.t5 import IntegratedT5
+
+                model = IntegratedT5(encoder.config.to_dict()).to(**to_args)
+            else:
+                model = IntegratedCLIP(CLIPTextModel, encoder.config, add_text_projection=True).to(**to_args)
+        state = {f"transformer.{k}": v.clone() for k, v in encoder.state_dict().items()
+                 if k != "encoder.embed_tokens.weight"}  # HF T5's tied copy of `shared`, which the loader ignores
         missing, unexpected = model.load_state_dict(state, strict=False)
         for key in sorted(set(missing + unexpected) - CLIP_IGNORED):
             report.fail(f"forge {case.kind} {name}: {'missing' if key in missing else 'unexpected'} weight {key}")
@@ -164,11 +210,13 @@ def check(path: str, cases, report: Report) -> None:
     from backend import memory_management
     from backend.patcher import lora as forge_lora
 
-    load_file_module("sara_network_forge", os.path.join(ROOT, "integrations/forge/sd-forge-sara/scripts/sara_network_forge.py"))
     lora_dir = tempfile.mkdtemp(prefix="forge-lora-")
     install_stand_ins(lora_dir)
-    import networks  # sd_forge_lora's, as its lora_script imports it
+    import networks  # sd_forge_lora's, as its lora_script imports it (built-in extensions load first)
 
+    load_file_module("sara_network_forge", os.path.join(ROOT, "integrations/forge/sd-forge-sara/scripts/sara_network_forge.py"))
+
+    built = {}
     for case in cases:
         check_listing(case, lora_dir, networks, report, f"forge {case.kind} listing")
         unet, clip = forge_unet(case, report), forge_clip(case, report)
@@ -202,8 +250,57 @@ def check(path: str, cases, report: Report) -> None:
                           base_unet, base_clip, report)
             if any(hasattr(m, "forge_online_loras") for o in (unet.model, clip.cond_stage_model) for m in o.modules()):
                 report.fail(f"{label} restored: a layer still has online patches")
+        built[case.kind] = (case, unet, clip)
+        if case.kind == "flux":  # the exports, through Forge's own LoRA loaders (our collection passes them on)
+            for export in EXPORTS:
+                exported = export_case(case, export, os.path.dirname(case.path))
+                label = f"forge {case.kind} {export}"
+                console = io.StringIO()
+                with contextlib.redirect_stdout(console):
+                    patched_unet, patched_clip = networks.load_lora_for_models(
+                        unet, clip, networks.load_lora_state_dict(exported.path), UNET_MULTIPLIER, TE_MULTIPLIER,
+                        filename=exported.path, online_mode=False)
+                    memory_management.load_models_gpu([patched_unet, patched_clip.patcher])
+                lora_lines = [line for line in console.getvalue().splitlines() if line.startswith("[LORA]")]
+                print("".join(f"  {label}: {line}\n" for line in lora_lines), end="")
+                for line in forge_lines(lora_lines):
+                    report.fail(f"{label}: {line}")
+                check_weights(label, exported, keys, unet.model.state_dict(), clip.cond_stage_model.state_dict(),
+                              base_unet, base_clip, report, exact=EXPORTS[export][1])
+                with contextlib.redirect_stdout(io.StringIO()):
+                    memory_management.load_models_gpu([unet, clip.patcher])
         memory_management.unload_all_models()
+    check_other_models_files(built, networks, memory_management, report)
     shutil.rmtree(lora_dir)
+
+
+def check_other_models_files(built, networks, memory_management, report: Report) -> None:
+    """A file for another model (a FLUX file on the SDXL model ...) through `<lora:...>`'s loader: one
+    error naming both models (Forge's load_networks shows it and goes on without the file), nothing applied."""
+    titles = {"sd1": "SD1/SD2", "sdxl": "SDXL", "flux": "FLUX.1"}
+    pairs = [(a, b) for a in built for b in built if a != b and "sd1" not in (a, b)]
+    for file_kind, model_kind in pairs:
+        case, unet, clip = built[model_kind]
+        before = {k: v.clone() for k, v in unet.model.state_dict().items()}
+        path = built[file_kind][0].path
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                patched_unet, patched_clip = networks.load_lora_for_models(
+                    unet, clip, networks.load_lora_state_dict(path), UNET_MULTIPLIER, TE_MULTIPLIER, filename=path)
+                memory_management.load_models_gpu([patched_unet, patched_clip.patcher])
+            report.fail(f"forge: a {file_kind} file on the {model_kind} model was not refused")
+        except Exception as error:
+            report.checked += 1
+            wanted = f"is a {titles[file_kind]} SaRA file and does not fit this {titles[model_kind]} model"
+            if wanted not in str(error):
+                report.fail(f"forge: {file_kind} file on {model_kind}: {str(error)[:300]}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            memory_management.load_models_gpu([unet, clip.patcher])
+        changed = [k for k, v in unet.model.state_dict().items() if not torch.equal(v, before[k])]
+        if changed:
+            report.fail(f"forge: a refused {file_kind} file changed the {model_kind} model: {changed[:3]}")
+        memory_management.unload_all_models()
+    print(f"  forge: {len(pairs)} files for another model refused by load_lora_for_models, nothing applied")
 
 
 def check_online(label, case, keys, unet, clip, report: Report) -> None:

@@ -41,7 +41,9 @@ class SaraAdapter(comfy.weight_adapter.WeightAdapterBase):
 
 
 def _with_sara_biases(load_lora):
+    """Also refuses a SaRA file made for another model (a FLUX file on SDXL ...) before any patch exists."""
     def wrapped(lora, to_load, *args, **kwargs):
+        host_patch.check_fits(host_patch.module_shapes(lora), to_load)
         patches = load_lora(lora, to_load, *args, **kwargs)
         biased = [name for name in to_load if f"{name}.sara_bias_values" in lora]
         patches.update(host_patch.bias_patches(host_patch.deltas_for(lora, biased).values(), to_load))
@@ -57,7 +59,8 @@ comfy.lora.load_lora = _with_sara_biases(getattr(comfy.lora.load_lora, "sara_ori
 
 
 class LoadSaRA:
-    """Applies a native SaRA file to the model and CLIP: validated as a whole file, errors name it."""
+    """Applies a native SaRA file to the model and CLIP: validated as a whole file (and against the
+    model: names and sizes), errors name it."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -78,6 +81,9 @@ class LoadSaRA:
         deltas, _ = fileformat.load_native(path)
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        host_shapes = {k: tuple(v.shape) for owner in (model.model, clip.cond_stage_model)
+                       for k, v in owner.state_dict().items()}
+        host_patch.check_fits({d.name: d.shape for d in deltas}, key_map, host_shapes, sara_name)
         patches, unknown = host_patch.host_patches(
             deltas, key_map, lambda delta: SaraAdapter(set(), delta))
         model, clip = model.clone(), clip.clone()
