@@ -43,10 +43,9 @@ SARA_VARIANTS = {
     "sara_noprog": dict(lambda_rank=5e-3, rank_min_dim=32, progressive_iter=None),
     "sara_norank": dict(lambda_rank=0.0, progressive_iter=0.5),
     # the rank term on the update of every Linear and Conv2d (the matrices a LoRA export factorises)
-    "sara_lowrank": dict(lambda_rank=5e-3, rank_target="update", rank_layers="all", rank_convs=True, rank_min_dim=16,
-                         progressive_iter=0.5),
-    "sara_lowrank_x10": dict(lambda_rank=5e-2, rank_target="update", rank_layers="all", rank_convs=True,
-                             rank_min_dim=16, progressive_iter=0.5),
+    **{f"sara_lowrank_{weight}": dict(lambda_rank=float(weight), rank_target="update", rank_layers="all",
+                                      rank_convs=True, rank_min_dim=16, progressive_iter=0.5)
+       for weight in ("5e-3", "5e-4")},
 }
 CALIBRATION_BATCHES = 10  # gradient modes: training batches scored before training (own noise draws)
 SARA_LRS = (1e-3, 2e-3, 4e-3)
@@ -65,9 +64,9 @@ DESCRIPTION = {
     "sara_random": "SaRA selection=random (same per-layer counts, uniform positions; control)",
     "sara_noprog": "SaRA as `sara` without the progressive step (rank term only)",
     "sara_norank": "SaRA as `sara` without the rank term (progressive step only)",
-    "sara_lowrank": "SaRA as `sara` with the rank term on the update of every Linear and Conv2d with min dim > 16 "
-                    "(rank_target=update, rank_layers=all, rank_convs=true), lambda_rank 5e-3",
-    "sara_lowrank_x10": "as `sara_lowrank` with lambda_rank 5e-2",
+    **{f"sara_lowrank_{weight}": f"SaRA as `sara` with the rank term on the update of every Linear and Conv2d with "
+                                 f"min dim > 16 (rank_target=update, rank_layers=all, rank_convs=true), lambda_rank {weight}"
+       for weight in ("5e-3", "5e-4")},
     "lora": "PEFT LoRA (inject_adapter_in_model) on all 65 Linear/Conv2d, rank matched, alpha = rank",
     "locon": "LyCORIS LoCon on all Linear/Conv2d, same rank as LoRA, alpha = rank",
     "lokr": "LyCORIS LoKr (full-matrix, factor with the count nearest the budget) on all Linear/Conv2d",
