@@ -122,9 +122,8 @@ def setup(unet, method: str, steps: int) -> tuple[list, dict, object]:
 
 def run_one(method: str, lr: float, seed: int, args, splits, base_state, base_metrics: dict) -> dict:
     import torch
-    import torch.nn.functional as F
 
-    from sara_network.demo import classifier, model
+    from sara_network.demo import classifier, finetune, model
 
     torch.manual_seed(seed)  # adapter init (LoRA/LoCon down matrices)
     unet = model.build_unet()
@@ -135,11 +134,7 @@ def run_one(method: str, lr: float, seed: int, args, splits, base_state, base_me
     images, labels = args.train_images, args.train_labels
 
     def batch_loss(generator):
-        pick = torch.randint(0, len(images), (args.batch,), generator=generator)
-        x0, y = images[pick], labels[pick]
-        noise = torch.randn(x0.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
-        return F.mse_loss(unet(scheduler.add_noise(x0, noise, timesteps), timesteps, class_labels=y).sample, noise)
+        return finetune.batch_loss(unet, scheduler, images, labels, args.batch, generator)
 
     if keep is not None and getattr(keep, "calibration_pending", lambda: False)():
         calibration_generator = torch.Generator().manual_seed(10_000 + seed)  # not the training draws

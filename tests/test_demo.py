@@ -1,5 +1,6 @@
 """The README quick start: the main job in its short mode, then the README's CLI lines on its outputs
 (read from README.md, so the README and this test cannot drift apart)."""
+import json
 import os
 import re
 import shlex
@@ -121,3 +122,14 @@ def test_lora_applied_adds_the_kohya_delta_and_restores_the_weights():
         torch.testing.assert_close(linear.weight.detach(), expected_linear)
         torch.testing.assert_close(conv.weight.detach(), expected_conv)
     assert torch.equal(linear.weight, originals[0]) and torch.equal(conv.weight, originals[1])
+
+
+def test_demo_gradient_selection_calibrates_and_records_the_mode(tmp_path, capsys):
+    from sara_network.demo.finetune import main
+
+    main(["--quick", "--steps", "2", "--selection", "gradient", "--lr", "auto", "--batch", "16", "--out", str(tmp_path)])
+    stdout = capsys.readouterr().out
+    assert re.search(r"^lr 0\.000\d+ \(the paper's rule for this threshold\)$", stdout, re.M)
+    _, metadata = read_tensors(str(tmp_path / "digits_bold_sara.safetensors"))
+    assert '"selection": "gradient"' in metadata["sara_config"]
+    assert json.loads(metadata["sara_calibration"])["steps"] == 10  # the demo's calibration batches

@@ -25,17 +25,27 @@ import torch.nn.functional as F
 from ..convert import CUSTOM_BASE
 from ..fileformat import read_tensors
 from ..network import SaraNetwork, collect_targets
-from ..options import SaraConfig, auto_lr, parse_lr
+from ..options import SELECTION_MODES, SaraConfig, auto_lr, parse_lr
 from . import data, model
 
 # What the native file says about its base, so every `sara` command reads it without --base-model:
 # the digits U-Net is no Stable Diffusion model (no SD modelspec / resolution is stamped on it).
 BASE_METADATA = {"ss_base_model_version": CUSTOM_BASE, "ss_sd_model_name": model.BASE_PATH.name}
+CALIBRATION_BATCHES = 10  # gradient selection modes: training batches scored before training
 
 
 def embolden(images: torch.Tensor) -> torch.Tensor:
     """The target style: strokes dilated by a 3x3 max filter (images in [-1, 1], ink is bright)."""
     return F.max_pool2d(images, kernel_size=3, stride=1, padding=1)
+
+
+def batch_loss(unet, scheduler, images, labels, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The epsilon-prediction loss of one random batch (noise and timesteps from `generator`)."""
+    pick = torch.randint(0, len(images), (batch_size,), generator=generator)
+    x0, y = images[pick], labels[pick]
+    noise = torch.randn(x0.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    return F.mse_loss(unet(scheduler.add_noise(x0, noise, timesteps), timesteps, class_labels=y).sample, noise)
 
 
 def train(unet, network: SaraNetwork, images, labels, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
@@ -48,12 +58,7 @@ def train(unet, network: SaraNetwork, images, labels, steps: int, batch_size: in
     losses = []
     unet.train()
     for step in range(steps):
-        pick = torch.randint(0, len(images), (batch_size,), generator=generator)
-        x0, y = images[pick], labels[pick]
-        noise = torch.randn(x0.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        prediction = unet(scheduler.add_noise(x0, noise, timesteps), timesteps, class_labels=y).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = batch_loss(unet, scheduler, images, labels, batch_size, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.trainable_parameters(), 1.0)
         optimizer.step()
@@ -104,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=parse_lr, default=2e-3, help="a number, or 'auto': the paper's rule "
                         "1e-3 * exp(-350 * threshold) for the threshold the selection found")
     parser.add_argument("--lambda_rank", type=float, default=5e-3)
+    parser.add_argument("--selection", choices=SELECTION_MODES, default="magnitude",
+                        help="which entries train (the network arg of the same name; gradient modes score "
+                             f"{CALIBRATION_BATCHES} training batches first)")
     parser.add_argument("--samples", type=int, default=8, help="samples per class in the grid")
     parser.add_argument("--sample_steps", type=int, default=25, help="DDIM steps for the grid")
     parser.add_argument("--lora_rank", type=int, default=16)
@@ -133,12 +141,18 @@ def main(argv: list[str] | None = None) -> None:
     before_samples = model.sample(unet, grid_labels, seed=1, steps=args.sample_steps)
 
     config = SaraConfig(density=args.density, lambda_rank=args.lambda_rank, rank_min_dim=32,
-                        progressive_iter=0.5)
+                        progressive_iter=0.5, selection=args.selection)
     network = SaraNetwork(config)
     network.select(collect_targets(unet, [], [], config.preset))
     network.total_steps = args.steps
     network.patch()
     network.attach_optimizer_hooks()
+    if network.calibration_pending():  # gradient modes: score batches of the training data first
+        calibration, scheduler = torch.Generator().manual_seed(1), model.build_scheduler()
+        unet.train()
+        network.calibrate(lambda step: batch_loss(unet, scheduler, train_images, train_labels, args.batch, calibration),
+                          CALIBRATION_BATCHES)
+        unet.eval()
     network.log_selection()
     trainable = network.selected_count()
     print(f"SaRA trains {trainable:,d} of {sum(p.numel() for p in unet.parameters()):,d} parameters "
