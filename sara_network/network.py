@@ -393,15 +393,28 @@ class SaraNetwork(nn.Module):
                 if count > total:
                     raise SaraSelectionError(f"budget={count} exceeds the {total} targeted weights")
                 threshold = selection.threshold_for_count(weights, count)
+            tie_quota = count - selection.count_below(weights, threshold) if from_budget else 0
+            # entries taken at |w| = threshold must count as below it (the progressive step's rule)
+            recorded = selection.next_fp32(threshold) if tie_quota > 0 else threshold
+            ties_taken = 0
             for target in progress(group, desc="SaRA selection", unit="module"):
-                self.thresholds[target.component] = threshold
-                indices[target.name] = selection.select_below(target.module.weight, threshold)
+                self.thresholds[target.component] = recorded
+                indices[target.name], taken = selection.select_below_and_ties(
+                    target.module.weight, threshold, tie_quota - ties_taken)
+                ties_taken += taken
                 if config.selection == "random":  # the paper's count for this layer, at random positions
                     indices[target.name] = selection.random_entries(
                         target.module.weight.numel(), indices[target.name].numel(),
                         selection.layer_seed(config.seed, target.name))
                 if config.include_bias and target.module.bias is not None:
                     bias_indices[target.name] = selection.select_below(target.module.bias, threshold)
+            if ties_taken:
+                logger.warning(
+                    f"SaRA selection: the budget's cut falls among entries that all have |w| = {threshold:.4g} "
+                    f"(a {weights[0].dtype} base rounds many weights to one value); {ties_taken:,d} of them were "
+                    "taken in module order to meet the budget exactly"
+                    + ("; with a threshold of 0 the progressive step freezes every entry that moves "
+                       "(progressive_iter=off keeps them training)" if threshold == 0 else ""))
             selected = sum(int(indices[t.name].numel()) for t in group)
             if selected == 0:
                 suggestion = selection.suggest_threshold(weights, 0.01)

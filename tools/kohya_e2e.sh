@@ -45,7 +45,7 @@ if has install && [ ! -x "$PY" ]; then
   "$VENV/bin/pip" install -q -e "$REPO"
 fi
 "$PY" -c "import torch, diffusers, transformers, accelerate, bitsandbytes, sara_network; print('versions: torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', bitsandbytes.__version__, 'sara_network', sara_network.__version__)"
-echo "sd-scripts commit: $(git -C "$SD" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "sd-scripts commit: $(git -C "$SD" rev-parse --short HEAD 2>/dev/null || cat "$SD/COMMIT.txt" 2>/dev/null || echo unknown)"
 
 cat > "$WORK/build_assets.py" <<'PYEOF'
 """Build random-init SD1.x / SDXL diffusers folders, CLIP tokenizers and a tiny dataset (no downloads)."""
@@ -502,11 +502,12 @@ if has flux_resume; then (
   check "$WORK/out_flux_resume/resumed.safetensors" steps=2 components=lora_te1,unet || exit 1
 ) || FAILED="$FAILED flux_resume"; fi
 if has flux_fp8; then (
-  # fp8 DiT (--fp8_base_unet: the text encoders stay bf16), the previous file's entries, block swap
+  # fp8 DiT (--fp8_base_unet: the text encoders stay bf16) from the previous file's entries, with
+  # block swap (kohya swaps whole blocks' weights; SaRA's patched layers live inside them)
   train flux_train_network.py flux_fp8 bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name fp8unet \
-    "${DIT_ARGS[@]}" --network_weights "$WORK/out_flux/saraflux.safetensors" --fp8_base_unet \
+    "${DIT_ARGS[@]}" --network_weights "$WORK/out_flux/saraflux.safetensors" --fp8_base_unet --blocks_to_swap 1 \
     --network_train_unet_only --cache_text_encoder_outputs --max_train_steps 1 --gradient_checkpointing || exit 1
-  has_module "$WORK/logs/flux_fp8.log" "set U-Net weight dtype to torch.float8_e4m3fn" || exit 1
+  has_module "$WORK/logs/flux_fp8.log" "Loaded fp8 FLUX model\|Cast FLUX model to fp8" || exit 1
   check "$WORK/out_flux/fp8unet.safetensors" components=unet || exit 1
 ) || FAILED="$FAILED flux_fp8"; fi
 if has flux_fp8_base; then (
@@ -515,11 +516,6 @@ if has flux_fp8_base; then (
     "${DIT_ARGS[@]}" --fp8_base --max_train_steps 1 || exit 1
   check "$WORK/out_flux/fp8base.safetensors" components=lora_te1,unet || exit 1
 ) || FAILED="$FAILED flux_fp8_base"; fi
-if has flux_swap; then (
-  train flux_train_network.py flux_swap bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name swap \
-    "${DIT_ARGS[@]}" --blocks_to_swap 1 --network_train_unet_only --cache_text_encoder_outputs --max_train_steps 1 || exit 1
-  check "$WORK/out_flux/swap.safetensors" components=unet || exit 1
-) || FAILED="$FAILED flux_swap"; fi
 if has flux_t5; then (
   # train_t5xxl=true: T5-XXL (lora_te3) is selected and trained as well
   train flux_train_network.py flux_t5 bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name t5 \
