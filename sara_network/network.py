@@ -321,6 +321,15 @@ class SaraModule(nn.Module):
             if saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=self.indices.device))
         before = self.indices.clone()
+        saved_indices = state_dict.get(prefix + "indices")
+        if saved_indices is not None and saved_indices.shape != self.indices.shape:
+            # A state's entries are authoritative: this run selected a different count (another
+            # version's selection, or weights rounded differently). The delta keeps its Parameter
+            # object (the optimizer holds it; its state is loaded after, at the saved size).
+            logger.warning(f"SaRA: {self.sara_name}: the saved state has {saved_indices.numel():,d} entries, this "
+                           f"run selected {self.indices.numel():,d}; the saved entries are used")
+            self.indices = torch.empty_like(saved_indices, device=self.indices.device)
+            self.delta.data = torch.empty(saved_indices.shape, dtype=self.delta.dtype, device=self.delta.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.pin_frozen_data()
         if not torch.equal(before, self.indices):  # chosen by a calibration: nothing left to calibrate here

@@ -245,6 +245,35 @@ def test_resume_equality_across_the_progressive_step(kind):
         assert torch.equal(module.pinned_delta(), other.pinned_delta())
 
 
+def test_resume_uses_the_saved_entries_when_this_run_selects_others(caplog):
+    """kohya resumes after apply_to has selected afresh: a state whose entry counts differ (written
+    by another version, or from weights rounded differently) replaces the selection in place (same
+    Parameter objects the optimizer holds) and training continues as if uninterrupted."""
+    m = models.tiny_sd1()
+    network = make_network(m, {"density": "0.05", "progressive_iter": "off"})
+    optimizer = make_optimizer(network)
+    freeze_and_cast(m, network)
+    train_steps(m, network, optimizer, 2)
+    state, optimizer_state = copy.deepcopy(network.state_dict()), copy.deepcopy(optimizer.state_dict())
+    train_steps(m, network, optimizer, 1)
+    straight = delta_snapshot(network)
+
+    fresh = models.tiny_sd1()
+    resumed = make_network(fresh, {"density": "0.03", "progressive_iter": "off"})
+    params = list(resumed.parameters())
+    optimizer = make_optimizer(resumed)
+    freeze_and_cast(fresh, resumed)
+    with caplog.at_level("WARNING", logger="sara_network"):
+        resumed.load_state_dict(state)
+    optimizer.load_state_dict(optimizer_state)
+    assert all(a is b for a, b in zip(params, resumed.parameters()))
+    assert any("the saved entries are used" in r.getMessage() for r in caplog.records)
+    train_steps(fresh, resumed, optimizer, 1)
+    for name, value in straight.items():
+        assert torch.equal(delta_snapshot(resumed)[name], value), name
+    torch.testing.assert_close(outputs(fresh), outputs(m))
+
+
 def test_progressive_step_freezes_exactly():
     m = models.tiny_sd1()
     network = make_network(m, {"density": "0.05", "progressive_iter": "0.5"}, max_train_steps=6)
