@@ -142,7 +142,9 @@ def build_sdxl(out: str, tokenizer_files: str) -> None:
 
     torch.manual_seed(0)
     # kohya's SdxlUNet2DConditionModel hard-codes the SDXL architecture (2.57B): full size, saved fp16.
-    with torch.device("cpu"):
+    # Built on the meta device and filled in fp16 (normal(0, 1/sqrt(fan_in)) weights, zero biases,
+    # unit norms): 5 GB of RAM instead of a 10 GB fp32 model.
+    with torch.device("meta"):
         unet = UNet2DConditionModel(
             sample_size=128, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -151,7 +153,14 @@ def build_sdxl(out: str, tokenizer_files: str) -> None:
             attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816)
-    unet = unet.to(torch.float16)
+    unet = unet.to_empty(device="cpu").to(torch.float16)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
+            else:
+                param.fill_(0.0 if name.endswith("bias") else 1.0)
     # kohya takes hidden_states[11] of encoder 1 (needs >= 11 layers) and [-2] of encoder 2.
     te1 = CLIPTextModel(clip_config(768, 11, 12))
     te2 = CLIPTextModelWithProjection(clip_config(1280, 2, 20, projection=1280))
@@ -282,6 +291,18 @@ def build_flux(out, args):
     write_random(os.path.join(out, "clip_l.safetensors"), shapes_of(clip_l), torch.bfloat16, 3)
 
 
+def build_flux_swap(out):
+    """kohya's block swap needs >= 2 double and >= 4 single blocks to swap one block."""
+    from dataclasses import replace
+
+    from library import flux_models
+
+    params = replace(flux_models.configs["dev"].params, depth=2, depth_single_blocks=4)
+    with torch.device("meta"):
+        flux = flux_models.Flux(params)
+    write_random(os.path.join(out, "flux_swap.safetensors"), shapes_of(flux), torch.bfloat16, 8)
+
+
 def build_t5(out):
     from library import flux_utils
 
@@ -328,7 +349,9 @@ def main():
     models = args.models.split(",")
     if "flux" in models and not os.path.exists(os.path.join(out, "clip_l.safetensors")):
         build_flux(out, args)
-    if ("flux" in models or "sd3" in models) and not os.path.exists(os.path.join(out, "t5xxl_fp8.safetensors")):
+    if "flux_swap" in models and not os.path.exists(os.path.join(out, "flux_swap.safetensors")):
+        build_flux_swap(out)
+    if any(m in models for m in ("flux", "flux_swap", "sd3")) and not os.path.exists(os.path.join(out, "t5xxl_fp8.safetensors")):
         build_t5(out)
     if "sd3" in models and not os.path.exists(os.path.join(out, "clip_l_sd3.safetensors")):
         build_sd3(out, args)
@@ -393,7 +416,8 @@ if has assets; then
   SD1_STAGES=0; for stage in sd1 resume variants te_only typo; do has $stage && SD1_STAGES=1; done
   "$PY" "$WORK/build_assets.py" --open_clip_wheel "$(ls "$WORK"/dl/open_clip_torch-*.whl | head -1)" --out "$WORK" \
     $([ $SD1_STAGES = 1 ] && echo --sd1) $(has sdxl && echo --sdxl)
-  DIT_MODELS=""; for stage in $STAGES; do case $stage in flux*) DIT_MODELS="$DIT_MODELS,flux";; sd3*) DIT_MODELS="$DIT_MODELS,sd3";; esac; done
+  DIT_MODELS=""; for stage in $STAGES; do case $stage in flux_swap) DIT_MODELS="$DIT_MODELS,flux,flux_swap";;
+    flux*) DIT_MODELS="$DIT_MODELS,flux";; sd3*) DIT_MODELS="$DIT_MODELS,sd3";; esac; done
   if [ -n "$DIT_MODELS" ]; then
     (cd "$SD" && "$PY" "$WORK/build_dit_assets.py" --sd_scripts "$SD" --out "$WORK" --models "${DIT_MODELS#,}") \
       > "$WORK/dit_assets.log" 2>&1 || { echo "FAILED: DiT assets"; tail -20 "$WORK/dit_assets.log"; exit 1; }
@@ -415,6 +439,9 @@ train() {  # train SCRIPT LOGNAME MIXED_PRECISION ARGS...
                                           echo "FAILED: $name (tail of $WORK/logs/$name.log)"; tail -40 "$WORK/logs/$name.log"; return 1; }
 }
 check() { "$PY" "$WORK/check_file.py" "$@"; }
+has_module() {  # has_module LOG TEXT: the trainer's log shows TEXT
+  grep -q "$2" "$1" && echo "log shows: $2" || { echo "FAILED: $1 lacks '$2'"; return 1; }
+}
 SD1=(--pretrained_model_name_or_path "$WORK/sd1")
 FAILED=""
 
@@ -467,23 +494,37 @@ if has typo; then (
 ) || FAILED="$FAILED typo"; fi
 
 if has sdxl; then (
-  # (set -e does not act inside a `( ... ) || ...` list: each step exits by itself)
+  # real-size SDXL U-Net (2.57B). --full_bf16 makes kohya load it in bf16 (5 GB instead of 10 GB fp32
+  # plus a conversion copy) and keeps the deltas in bf16 too; text encoders cached, U-Net only
   rm -rf "$WORK/out_sdxl" || exit 1
   train sdxl_train_network.py sdxl bf16 --pretrained_model_name_or_path "$WORK/sdxl" --output_dir "$WORK/out_sdxl" \
-    --output_name saraxl --network_args "density=0.01" "progressive_iter=1" --network_train_unet_only \
-    --cache_text_encoder_outputs --max_train_steps 1 --gradient_checkpointing --save_model_as safetensors || exit 1
-  check "$WORK/out_sdxl/saraxl.safetensors" components=unet || exit 1
+    --output_name saraxl --network_args "density=0.01" "progressive_iter=2" --network_train_unet_only \
+    --cache_text_encoder_outputs --full_bf16 --max_train_steps 2 --save_every_n_steps 1 --save_state \
+    --gradient_checkpointing --save_model_as safetensors || exit 1
+  check "$WORK/out_sdxl/saraxl.safetensors" components=unet steps=2 || exit 1
 ) || FAILED="$FAILED sdxl"; fi
-
+if has sdxl_resume; then (
+  rm -rf "$WORK/out_sdxl_resume" || exit 1
+  train sdxl_train_network.py sdxl_resume bf16 --pretrained_model_name_or_path "$WORK/sdxl" \
+    --output_dir "$WORK/out_sdxl_resume" --output_name resumed --network_args "density=0.01" "progressive_iter=2" \
+    --network_train_unet_only --cache_text_encoder_outputs --full_bf16 --resume "$WORK/out_sdxl/saraxl-step00000001-state" \
+    --skip_until_initial_step --max_train_steps 2 --gradient_checkpointing --save_model_as safetensors || exit 1
+  has_module "$WORK/logs/sdxl_resume.log" "load train state from" || exit 1
+  check "$WORK/out_sdxl_resume/resumed.safetensors" components=unet steps=2 || exit 1
+) || FAILED="$FAILED sdxl_resume"; fi
+if has sdxl_fp8; then (
+  # --fp8_base from the first run's entries (--network_weights)
+  train sdxl_train_network.py sdxl_fp8 bf16 --pretrained_model_name_or_path "$WORK/sdxl" --output_dir "$WORK/out_sdxl" \
+    --output_name fp8 --network_weights "$WORK/out_sdxl/saraxl.safetensors" --network_train_unet_only \
+    --cache_text_encoder_outputs --fp8_base --max_train_steps 1 --gradient_checkpointing --save_model_as safetensors || exit 1
+  check "$WORK/out_sdxl/fp8.safetensors" components=unet || exit 1
+) || FAILED="$FAILED sdxl_fp8"; fi
 # --- FLUX.1 (flux_train_network.py): kohya's Flux class at the dev width, 1 double + 1 single block ---
 DIT="$WORK/dit"
 FLUX=(--pretrained_model_name_or_path "$DIT/flux.safetensors" --clip_l "$DIT/clip_l.safetensors"
       --t5xxl "$DIT/t5xxl_fp8.safetensors" --ae "$DIT/ae.safetensors" --t5xxl_max_token_length 16
       --guidance_scale 1.0 --timestep_sampling sigmoid --model_prediction_type raw --save_model_as safetensors)
 DIT_ARGS=(--network_args "density=0.02" "lambda_rank=5e-3" "progressive_iter=2")
-has_module() {  # has_module LOG TEXT: the trainer's log shows TEXT
-  grep -q "$2" "$1" && echo "log shows: $2" || { echo "FAILED: $1 lacks '$2'"; return 1; }
-}
 if has flux; then (
   rm -rf "$WORK/out_flux" || exit 1
   # bf16, CLIP-L trained with the DiT (the trainer's default), T5-XXL not (train_t5xxl defaults to false)
@@ -502,10 +543,9 @@ if has flux_resume; then (
   check "$WORK/out_flux_resume/resumed.safetensors" steps=2 components=lora_te1,unet || exit 1
 ) || FAILED="$FAILED flux_resume"; fi
 if has flux_fp8; then (
-  # fp8 DiT (--fp8_base_unet: the text encoders stay bf16) from the previous file's entries, with
-  # block swap (kohya swaps whole blocks' weights; SaRA's patched layers live inside them)
+  # fp8 DiT (--fp8_base_unet: the text encoders stay bf16) from the previous file's entries
   train flux_train_network.py flux_fp8 bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name fp8unet \
-    "${DIT_ARGS[@]}" --network_weights "$WORK/out_flux/saraflux.safetensors" --fp8_base_unet --blocks_to_swap 1 \
+    "${DIT_ARGS[@]}" --network_weights "$WORK/out_flux/saraflux.safetensors" --fp8_base_unet \
     --network_train_unet_only --cache_text_encoder_outputs --max_train_steps 1 --gradient_checkpointing || exit 1
   has_module "$WORK/logs/flux_fp8.log" "Loaded fp8 FLUX model\|Cast FLUX model to fp8" || exit 1
   check "$WORK/out_flux/fp8unet.safetensors" components=unet || exit 1
@@ -516,6 +556,15 @@ if has flux_fp8_base; then (
     "${DIT_ARGS[@]}" --fp8_base --max_train_steps 1 || exit 1
   check "$WORK/out_flux/fp8base.safetensors" components=lora_te1,unet || exit 1
 ) || FAILED="$FAILED flux_fp8_base"; fi
+if has flux_swap; then (
+  # --blocks_to_swap: kohya swaps whole blocks' weights (SaRA's patched layers live inside them); it
+  # needs >= 2 double and >= 4 single blocks for one swapped block, so a deeper model is built
+  train flux_train_network.py flux_swap bf16 "${FLUX[@]}" --pretrained_model_name_or_path "$DIT/flux_swap.safetensors" \
+    --output_dir "$WORK/out_flux" --output_name swap "${DIT_ARGS[@]}" --blocks_to_swap 1 --network_train_unet_only \
+    --cache_text_encoder_outputs --max_train_steps 1 || exit 1
+  has_module "$WORK/logs/flux_swap.log" "enable block swap: blocks_to_swap=1" || exit 1
+  check "$WORK/out_flux/swap.safetensors" components=unet || exit 1
+) || FAILED="$FAILED flux_swap"; fi
 if has flux_t5; then (
   # train_t5xxl=true: T5-XXL (lora_te3) is selected and trained as well
   train flux_train_network.py flux_t5 bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name t5 \
