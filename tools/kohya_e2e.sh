@@ -8,9 +8,10 @@
 #                 this repository with `pip install -e`) when it has no python yet.
 # WORK_DIR        models, dataset and outputs (default /tmp/sara-kohya-e2e).
 #
-# Runs on the CPU (accelerate --cpu) with a random-init model built locally: no hub access.
-# Stages (env STAGES, default "install assets sd1 resume variants te_only typo"; add "sdxl"):
-#   install   venv + packages          assets  tokenizers, random SD1.x (and SDXL) folders, dataset
+# Runs on the CPU (accelerate --cpu) with random-init models built locally: no hub access.
+# Stages (env STAGES, default "install assets sd1 resume variants te_only typo"); results and what
+# failed and why: docs/kohya-e2e.md.
+#   install   venv + packages          assets  tokenizers, random models for the chosen stages, dataset
 #   sd1       train_network.py, fp32, AdamW8bit, grad accumulation + checkpointing, step saves + states
 #   resume    --resume from the step-3 state, one more step (--skip_until_initial_step, and accumulation 1:
 #             kohya 48d368fa multiplies the skipped steps by the accumulation but divides by optimizer
@@ -19,9 +20,16 @@
 #             --save_model_as ckpt, --scale_weight_norms, --network_train_unet_only
 #   te_only   --network_train_text_encoder_only with --network_weights, --save_precision bf16
 #   typo      a misspelt --network_args key must fail with SaRA's list of valid keys
-#   sdxl      sdxl_train_network.py on a full-size random SDXL (kohya hard-codes the 2.57B architecture).
-#             NOT run yet (time box, CPU): the U-Net config was checked against kohya's
-#             SdxlUNet2DConditionModel on the meta device (same keys and shapes); needs ~20 GB RAM.
+#   sdxl      sdxl_train_network.py on a full-size random SDXL U-Net (kohya hard-codes the 2.57B
+#             architecture), --full_bf16 (loads it in bf16: ~8 GB RAM), 2 steps, states
+#   sdxl_fp8  --fp8_base with --network_weights     sdxl_resume  --resume from the step-1 state
+#   flux      flux_train_network.py on kohya's Flux (dev width, 1 double + 1 single block), full-size
+#             CLIP-L and T5-XXL (fp8 file): bf16, 2 steps, states; T5-XXL must get no modules
+#   flux_resume, flux_fp8 (--fp8_base_unet + --network_weights), flux_fp8_base (--fp8_base),
+#   flux_swap (--blocks_to_swap 1 on a 2 double + 4 single block model), flux_t5 (train_t5xxl=true)
+#   sd3       sd3_train_network.py on kohya's MMDiT (SD3.5-medium layout, depth 2), CLIP-L/G, T5-XXL
+#   sd3_resume, sd3_fp8 (--fp8_base_unet + --network_weights)
+#   The FLUX/SD3 stages need ~12 GB RAM (T5-XXL in bf16), the SDXL ones ~8 GB; run one at a time.
 # Every trained file is checked: native format, ss_* metadata, sshs_model_hash of the data section.
 set -euo pipefail
 SD=$(cd "${1:?usage: kohya_e2e.sh SD_SCRIPTS_DIR VENV_DIR [WORK_DIR]}" && pwd)
@@ -503,6 +511,13 @@ if has sdxl; then (
     --gradient_checkpointing --save_model_as safetensors || exit 1
   check "$WORK/out_sdxl/saraxl.safetensors" components=unet steps=2 || exit 1
 ) || FAILED="$FAILED sdxl"; fi
+if has sdxl_fp8; then (
+  # --fp8_base from the first run's entries (--network_weights); --full_bf16 again for the RAM
+  train sdxl_train_network.py sdxl_fp8 bf16 --pretrained_model_name_or_path "$WORK/sdxl" --output_dir "$WORK/out_sdxl" \
+    --output_name fp8 --network_weights "$WORK/out_sdxl/saraxl.safetensors" --network_train_unet_only \
+    --cache_text_encoder_outputs --full_bf16 --fp8_base --max_train_steps 1 --gradient_checkpointing --save_model_as safetensors || exit 1
+  check "$WORK/out_sdxl/fp8.safetensors" components=unet || exit 1
+) || FAILED="$FAILED sdxl_fp8"; fi
 if has sdxl_resume; then (
   rm -rf "$WORK/out_sdxl_resume" || exit 1
   train sdxl_train_network.py sdxl_resume bf16 --pretrained_model_name_or_path "$WORK/sdxl" \
@@ -512,13 +527,6 @@ if has sdxl_resume; then (
   has_module "$WORK/logs/sdxl_resume.log" "load train state from" || exit 1
   check "$WORK/out_sdxl_resume/resumed.safetensors" components=unet steps=2 || exit 1
 ) || FAILED="$FAILED sdxl_resume"; fi
-if has sdxl_fp8; then (
-  # --fp8_base from the first run's entries (--network_weights)
-  train sdxl_train_network.py sdxl_fp8 bf16 --pretrained_model_name_or_path "$WORK/sdxl" --output_dir "$WORK/out_sdxl" \
-    --output_name fp8 --network_weights "$WORK/out_sdxl/saraxl.safetensors" --network_train_unet_only \
-    --cache_text_encoder_outputs --fp8_base --max_train_steps 1 --gradient_checkpointing --save_model_as safetensors || exit 1
-  check "$WORK/out_sdxl/fp8.safetensors" components=unet || exit 1
-) || FAILED="$FAILED sdxl_fp8"; fi
 # --- FLUX.1 (flux_train_network.py): kohya's Flux class at the dev width, 1 double + 1 single block ---
 DIT="$WORK/dit"
 FLUX=(--pretrained_model_name_or_path "$DIT/flux.safetensors" --clip_l "$DIT/clip_l.safetensors"
