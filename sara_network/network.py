@@ -124,6 +124,7 @@ class SaraModule(nn.Module):
         self.register_buffer("base_values", self._gather_base(indices), persistent=False)
         self._base_key = self._weight_key()
         self.calibration: Optional[LayerCalibration] = None  # set while a gradient selection calibrates
+        self.resized_on_load: Optional[tuple[int, int]] = None  # (selected, saved) counts, see _load_from_state_dict
         self.bias_delta = None
         self.register_buffer("bias_indices", None)
         if bias_indices is not None and bias_indices.numel():
@@ -326,8 +327,7 @@ class SaraModule(nn.Module):
             # A state's entries are authoritative: this run selected a different count (another
             # version's selection, or weights rounded differently). The delta keeps its Parameter
             # object (the optimizer holds it; its state is loaded after, at the saved size).
-            logger.warning(f"SaRA: {self.sara_name}: the saved state has {saved_indices.numel():,d} entries, this "
-                           f"run selected {self.indices.numel():,d}; the saved entries are used")
+            self.resized_on_load = (self.indices.numel(), saved_indices.numel())  # logged once by the network
             self.indices = torch.empty_like(saved_indices, device=self.indices.device)
             self.delta.data = torch.empty(saved_indices.shape, dtype=self.delta.dtype, device=self.delta.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -524,6 +524,13 @@ class SaraNetwork(nn.Module):
         """A checkpoint saved after the calibration (by steps or by calibrate()) holds the chosen
         entries: resume on them. One saved inside the step-based calibration continues it."""
         modules = self.sara_modules()
+        resized = [m for m in modules if m.resized_on_load]
+        if resized:
+            selected, saved = (sum(m.resized_on_load[i] for m in resized) for i in (0, 1))
+            logger.warning(f"SaRA: the saved state's entries differ from this run's selection in {len(resized)} modules "
+                           f"({saved:,d} saved, {selected:,d} selected now): the saved entries are used")
+            for module in resized:
+                module.resized_on_load = None
         if self.calibration_record.get("state") != "pending" or not modules:
             return
         if int(self.optimizer_steps) >= self.config.calibration_steps or any(m.calibration is None for m in modules):
