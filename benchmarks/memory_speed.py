@@ -214,6 +214,18 @@ def configure_sampled_grad(setting: str) -> None:
         ops.SAMPLED_GRAD_DTYPES.clear()
 
 
+def cast_weights_to_fp8(unet) -> None:
+    """kohya --fp8_base as far as the CPU allows: every Linear / Conv2d weight (99.9% of the U-Net's
+    parameters) stored in float8_e4m3fn, computed in bf16 by autocast. kohya casts the whole U-Net;
+    on the CPU torch's group_norm refuses fp8 parameters ("mixed dtype (CPU): expect parameter to
+    have scalar type of Float"), so norms and biases stay bf16 here."""
+    import torch
+
+    for module in unet.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+
+
 def run_worker(cfg: dict) -> dict:
     import torch
     import torch.nn.functional as F
@@ -225,9 +237,13 @@ def run_worker(cfg: dict) -> dict:
     rss_start = _status_kib("VmRSS")
     started = time.perf_counter()
     unet = build_unet(cfg["arch"], device)
-    weight_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.get("dtype", "fp32")]
+    # the compute (autocast) dtype; fp8 stores the base in float8_e4m3fn and computes in bf16
+    weight_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                    "fp8": torch.bfloat16}[cfg.get("dtype", "fp32")]
     if weight_dtype != torch.float32:  # kohya / diffusers mixed precision: frozen base in half, autocast
         unet.to(weight_dtype)
+    if cfg.get("dtype") == "fp8":
+        cast_weights_to_fp8(unet)
     meter = CudaMeter() if device == "cuda" else None
     rss_model = _status_kib("VmRSS")
     params, info = setup_method(unet, cfg)
@@ -567,8 +583,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: peak from torch.cuda.max_memory_allocated, step time from CUDA events")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="frozen base weights in this dtype under autocast (trainable parameters stay fp32)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16", "fp8"), default="fp32",
+                        help="frozen base weights in this dtype under autocast (trainable parameters stay fp32); "
+                             "fp8: Linear/Conv2d weights in float8_e4m3fn, computed in bf16 (kohya --fp8_base)")
     parser.add_argument("--sampled_grad", choices=("auto", "on", "off"), default="auto",
                         help="SDDMM delta gradient: sara_network's rule, allowed everywhere, or never")
     parser.add_argument("--optim", default=None, help="replace AdamW8bit by this optimizer (adamw where bitsandbytes is missing)")

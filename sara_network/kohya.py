@@ -16,16 +16,32 @@ import torch
 
 from . import fileformat
 from .network import SaraNetwork, all_targets, collect_targets
-from .naming import text_encoder_prefixes
-from .options import SaraConfig, SaraOptionError, parse_network_args
+from .naming import component_of, text_encoder_prefixes
+from .options import SaraConfig, SaraOptionError, parse_bool, parse_network_args
 
 logger = logging.getLogger("sara_network")
+
+# kohya's FLUX and SD3 networks (lora_flux.py, lora_sd3.py) always name T5-XXL `lora_te3`, and create
+# modules in it only with the network arg train_t5xxl=True; the trainers read `network.train_t5xxl`
+# to decide whether T5 gets gradients (get_text_encoders_train_flags).
+T5_PREFIX = "lora_te3"
 
 
 def _as_list(text_encoder) -> list:
     if text_encoder is None:
         return []
     return list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+
+
+def _pop_train_t5xxl(kwargs) -> Optional[bool]:
+    """The kohya network arg train_t5xxl (FLUX / SD3), or None when not given."""
+    raw = kwargs.pop("train_t5xxl", None)
+    if raw is None:
+        return None
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        raise SaraOptionError(f"bad value for network arg train_t5xxl={raw!r}: expected true or false") from None
 
 
 def _reject_dropout(neuron_dropout, kwargs) -> None:
@@ -38,9 +54,10 @@ class SaraKohyaNetwork(SaraNetwork):
     """SaraNetwork with kohya's method names. Never holds the base models as children."""
 
     def __init__(self, config: SaraConfig, multiplier: float, text_encoders: Sequence, unet,
-                 network_dim: Optional[int] = None, network_alpha: Optional[float] = None):
+                 network_dim: Optional[int] = None, network_alpha: Optional[float] = None, train_t5xxl: bool = False):
         super().__init__(config, multiplier)
-        self.train_t5xxl = False  # read unguarded by kohya's FLUX / SD3 trainers
+        # read unguarded by kohya's FLUX / SD3 trainers; False: T5-XXL gets no deltas and no gradients
+        self.train_t5xxl = bool(train_t5xxl)
         self.network_dim = network_dim  # no meaning for SaRA training; kept for metadata only
         self.network_alpha = network_alpha
         self._models = (list(text_encoders), unet)  # a tuple attribute: not registered as children
@@ -77,11 +94,27 @@ class SaraKohyaNetwork(SaraNetwork):
             self.config.progressive_iter = None
         return super().progressive_step()
 
+    def _trained_encoders(self, text_encoders, apply_text_encoder: bool) -> tuple[list, list[str]]:
+        """The text encoders this run trains and their prefixes: none without apply_text_encoder,
+        T5-XXL only with train_t5xxl (as kohya's FLUX / SD3 trainers decide)."""
+        if not apply_text_encoder or not text_encoders:
+            return [], []
+        pairs = [(encoder, prefix) for encoder, prefix in zip(text_encoders, text_encoder_prefixes(text_encoders))
+                 if self.train_t5xxl or prefix != T5_PREFIX]
+        return [encoder for encoder, _ in pairs], [prefix for _, prefix in pairs]
+
+    def _is_trained(self, name: str) -> bool:
+        apply_text_encoder, apply_unet = self._apply_flags
+        component = component_of(name)
+        if component == "unet":
+            return apply_unet
+        return apply_text_encoder and (self.train_t5xxl or component != T5_PREFIX)
+
     def _targets(self, text_encoders, unet, apply_text_encoder: bool, apply_unet: bool, preset: str):
-        prefixes = text_encoder_prefixes(text_encoders) if text_encoders else []
+        encoders, prefixes = self._trained_encoders(text_encoders, apply_text_encoder)
         if self._pending_deltas is not None:
-            return all_targets(unet if apply_unet else None, text_encoders if apply_text_encoder else [], prefixes)
-        return collect_targets(unet, text_encoders, prefixes, preset, apply_unet, apply_text_encoder)
+            return all_targets(unet if apply_unet else None, encoders, prefixes)
+        return collect_targets(unet, encoders, prefixes, preset, apply_unet, bool(encoders))
 
     def apply_to(self, text_encoder=None, unet=None, apply_text_encoder: Optional[bool] = None,
                  apply_unet: Optional[bool] = None) -> None:
@@ -113,21 +146,17 @@ class SaraKohyaNetwork(SaraNetwork):
         self.attach_optimizer_hooks()
 
     def _applied_deltas(self, deltas: list, file: str) -> list:
-        """The file's modules of the components apply_to was asked to train
-        (--network_train_unet_only / --network_train_text_encoder_only): kohya runs the other one
-        without gradients, so its deltas would be moved by the rank term alone. Like kohya's LoRA,
+        """The file's modules of the components this run trains (--network_train_unet_only /
+        --network_train_text_encoder_only, T5-XXL only with train_t5xxl): kohya runs the others
+        without gradients, so their deltas would be moved by the rank term alone. Like kohya's LoRA,
         leave them out (logged); every kept module must then exist in the model."""
-        apply_text_encoder, apply_unet = self._apply_flags
-        if apply_text_encoder and apply_unet:
-            return deltas
-        kept = [d for d in deltas if d.name.startswith("lora_unet_") == bool(apply_unet)]
-        untrained = "text encoder" if apply_unet else "U-Net"
-        if len(kept) < len(deltas):
-            logger.info(f"SaRA: {len(deltas) - len(kept)} {untrained} modules of {file} are not loaded: "
-                        f"the {untrained} is not trained in this run")
+        kept = [d for d in deltas if self._is_trained(d.name)]
+        left_out = sorted({component_of(d.name) for d in deltas if not self._is_trained(d.name)})
+        if left_out:
+            logger.info(f"SaRA: {len(deltas) - len(kept)} modules of {file} ({', '.join(left_out)}) are not loaded: "
+                        "not trained in this run")
         if not kept:
-            trained = "U-Net" if apply_unet else "text encoders"
-            raise fileformat.SaraFileError(f"{file} has no modules for the {trained} trained in this run")
+            raise fileformat.SaraFileError(f"{file} has no modules for the components trained in this run")
         return kept
 
     def load_weights(self, file: str) -> str:
@@ -137,8 +166,7 @@ class SaraKohyaNetwork(SaraNetwork):
         deltas, metadata = fileformat.load_native(file)
         text_encoders, unet = self._models
         apply_text_encoder, apply_unet = self._apply_flags
-        prefixes = text_encoder_prefixes(text_encoders) if text_encoders else []
-        targets = all_targets(unet if apply_unet else None, text_encoders if apply_text_encoder else [], prefixes)
+        targets = all_targets(unet if apply_unet else None, *self._trained_encoders(text_encoders, apply_text_encoder))
         deltas = self._applied_deltas(deltas, file)
         self.adopt_deltas(targets, deltas, file)
         self.adopt_file_settings(metadata)
@@ -237,11 +265,14 @@ def create_network(multiplier: float, network_dim: Optional[int], network_alpha:
     """kohya entry point. `--network_args` arrive as strings in kwargs and are parsed strictly.
 
     `--network_dim` / `--network_alpha` have no meaning for SaRA training (there is no rank); they
-    are accepted, recorded in metadata by kohya, and ignored.
+    are accepted, recorded in metadata by kohya, and ignored. `train_t5xxl=true` (FLUX / SD3) also
+    selects in T5-XXL, as kohya's own networks do; by default T5-XXL is left alone.
     """
     _reject_dropout(neuron_dropout, kwargs)
+    train_t5xxl = _pop_train_t5xxl(kwargs)
     config = parse_network_args(kwargs)
-    return SaraKohyaNetwork(config, multiplier, _as_list(text_encoder), unet, network_dim, network_alpha)
+    return SaraKohyaNetwork(config, multiplier, _as_list(text_encoder), unet, network_dim, network_alpha,
+                            train_t5xxl=bool(train_t5xxl))
 
 
 def create_network_from_weights(multiplier: float, file: Optional[str], vae, text_encoder, unet, weights_sd=None,
@@ -256,8 +287,11 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae, tex
         metadata = fileformat.read_tensors(file)[1] if file else {"sara_format": fileformat.FORMAT_NAME,
                                                                    "sara_format_version": fileformat.FORMAT_VERSION}
     deltas = fileformat.parse_native(tensors, metadata, file or "<weights_sd>")
+    train_t5xxl = _pop_train_t5xxl(kwargs)
+    if train_t5xxl is None:  # as kohya's LoRA: a file with T5-XXL modules trains (and merges) T5-XXL
+        train_t5xxl = any(component_of(d.name) == T5_PREFIX for d in deltas)
     config = parse_network_args(kwargs)
-    network = SaraKohyaNetwork(config, multiplier, _as_list(text_encoder), unet)
+    network = SaraKohyaNetwork(config, multiplier, _as_list(text_encoder), unet, train_t5xxl=train_t5xxl)
     network.refuse_file(f"a weights file ({file or 'weights_sd'})")
     network._pending_deltas = deltas
     network.adopt_file_settings(metadata)

@@ -124,6 +124,7 @@ class SaraModule(nn.Module):
         self.register_buffer("base_values", self._gather_base(indices), persistent=False)
         self._base_key = self._weight_key()
         self.calibration: Optional[LayerCalibration] = None  # set while a gradient selection calibrates
+        self.resized_on_load: Optional[tuple[int, int]] = None  # (selected, saved) counts, see _load_from_state_dict
         self.bias_delta = None
         self.register_buffer("bias_indices", None)
         if bias_indices is not None and bias_indices.numel():
@@ -321,6 +322,14 @@ class SaraModule(nn.Module):
             if saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=self.indices.device))
         before = self.indices.clone()
+        saved_indices = state_dict.get(prefix + "indices")
+        if saved_indices is not None and saved_indices.shape != self.indices.shape:
+            # A state's entries are authoritative: this run selected a different count (another
+            # version's selection, or weights rounded differently). The delta keeps its Parameter
+            # object (the optimizer holds it; its state is loaded after, at the saved size).
+            self.resized_on_load = (self.indices.numel(), saved_indices.numel())  # logged once by the network
+            self.indices = torch.empty_like(saved_indices, device=self.indices.device)
+            self.delta.data = torch.empty(saved_indices.shape, dtype=self.delta.dtype, device=self.delta.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.pin_frozen_data()
         if not torch.equal(before, self.indices):  # chosen by a calibration: nothing left to calibrate here
@@ -393,15 +402,28 @@ class SaraNetwork(nn.Module):
                 if count > total:
                     raise SaraSelectionError(f"budget={count} exceeds the {total} targeted weights")
                 threshold = selection.threshold_for_count(weights, count)
+            tie_quota = count - selection.count_below(weights, threshold) if from_budget else 0
+            # entries taken at |w| = threshold must count as below it (the progressive step's rule)
+            recorded = selection.next_fp32(threshold) if tie_quota > 0 else threshold
+            ties_taken = 0
             for target in progress(group, desc="SaRA selection", unit="module"):
-                self.thresholds[target.component] = threshold
-                indices[target.name] = selection.select_below(target.module.weight, threshold)
+                self.thresholds[target.component] = recorded
+                indices[target.name], taken = selection.select_below_and_ties(
+                    target.module.weight, threshold, tie_quota - ties_taken)
+                ties_taken += taken
                 if config.selection == "random":  # the paper's count for this layer, at random positions
                     indices[target.name] = selection.random_entries(
                         target.module.weight.numel(), indices[target.name].numel(),
                         selection.layer_seed(config.seed, target.name))
                 if config.include_bias and target.module.bias is not None:
                     bias_indices[target.name] = selection.select_below(target.module.bias, threshold)
+            if ties_taken:
+                logger.warning(
+                    f"SaRA selection: the budget's cut falls among entries that all have |w| = {threshold:.4g} "
+                    f"(a {weights[0].dtype} base rounds many weights to one value); {ties_taken:,d} of them were "
+                    "taken in module order to meet the budget exactly"
+                    + ("; with a threshold of 0 the progressive step freezes every entry that moves "
+                       "(progressive_iter=off keeps them training)" if threshold == 0 else ""))
             selected = sum(int(indices[t.name].numel()) for t in group)
             if selected == 0:
                 suggestion = selection.suggest_threshold(weights, 0.01)
@@ -502,6 +524,13 @@ class SaraNetwork(nn.Module):
         """A checkpoint saved after the calibration (by steps or by calibrate()) holds the chosen
         entries: resume on them. One saved inside the step-based calibration continues it."""
         modules = self.sara_modules()
+        resized = [m for m in modules if m.resized_on_load]
+        if resized:
+            selected, saved = (sum(m.resized_on_load[i] for m in resized) for i in (0, 1))
+            logger.warning(f"SaRA: the saved state's entries differ from this run's selection in {len(resized)} modules "
+                           f"({saved:,d} saved, {selected:,d} selected now): the saved entries are used")
+            for module in resized:
+                module.resized_on_load = None
         if self.calibration_record.get("state") != "pending" or not modules:
             return
         if int(self.optimizer_steps) >= self.config.calibration_steps or any(m.calibration is None for m in modules):

@@ -31,10 +31,31 @@ def fp32(value: float) -> float:
     return torch.tensor(value, dtype=torch.float32).item()
 
 
+def next_fp32(value: float) -> float:
+    """The smallest fp32 above `value`."""
+    return torch.nextafter(torch.tensor(fp32(value)), torch.tensor(float("inf"))).item()
+
+
 def select_below(weight: torch.Tensor, threshold: float) -> torch.Tensor:
     """Sorted int32 flat indices of the entries with |w| < threshold (strict, fp32)."""
     below = canonical_abs(weight) < fp32(threshold)
     return below.nonzero().reshape(-1).to(torch.int32)
+
+
+def select_below_and_ties(weight: torch.Tensor, threshold: float, tie_quota: int) -> tuple[torch.Tensor, int]:
+    """select_below plus up to `tie_quota` of the entries with |w| == threshold, lowest positions
+    first; returns (sorted int32 indices, ties taken). A budget's cut can fall inside a group of
+    equal |w| (an fp8 or half-precision base rounds many weights to one value, exact zeros above
+    all): the quota fills the budget exactly instead of stopping short of the whole group."""
+    absolute = canonical_abs(weight)
+    limit = fp32(threshold)
+    chosen = absolute < limit
+    taken = 0
+    if tie_quota > 0:
+        ties = (absolute == limit).nonzero().reshape(-1)[:tie_quota]
+        chosen[ties] = True
+        taken = int(ties.numel())
+    return chosen.nonzero().reshape(-1).to(torch.int32), taken
 
 
 def count_below(weights: Iterable[torch.Tensor], threshold: float) -> int:

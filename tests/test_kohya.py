@@ -1,16 +1,20 @@
-"""The kohya `--network_module sara_network` contract, played on tiny SD1 and SDXL (LDM) models."""
+"""The kohya `--network_module sara_network` contract, played on tiny SD1 and SDXL (LDM) models and on
+stand-ins for what kohya's FLUX.1 and SD3 trainers hand over (kohya_driver.tiny_flux / tiny_sd3)."""
 import copy
 import hashlib
 import json
 import struct
+import types
 
 import pytest
 import torch
 
 import models
 import sara_network
+import kohya_driver
 from kohya_driver import delta_snapshot, freeze_and_cast, make_network, make_optimizer, train_steps
 from sara_network.fileformat import SaraFileError, load_native, read_tensors
+from sara_network.naming import component_of
 from sara_network.network import SaraSelectionError
 from sara_network.options import SaraOptionError, auto_lr
 
@@ -239,6 +243,35 @@ def test_resume_equality_across_the_progressive_step(kind):
     for (name, module), other in zip(resumed.named_children(), again.children()):
         assert torch.equal(module.frozen_positions, other.frozen_positions)
         assert torch.equal(module.pinned_delta(), other.pinned_delta())
+
+
+def test_resume_uses_the_saved_entries_when_this_run_selects_others(caplog):
+    """kohya resumes after apply_to has selected afresh: a state whose entry counts differ (written
+    by another version, or from weights rounded differently) replaces the selection in place (same
+    Parameter objects the optimizer holds) and training continues as if uninterrupted."""
+    m = models.tiny_sd1()
+    network = make_network(m, {"density": "0.05", "progressive_iter": "off"})
+    optimizer = make_optimizer(network)
+    freeze_and_cast(m, network)
+    train_steps(m, network, optimizer, 2)
+    state, optimizer_state = copy.deepcopy(network.state_dict()), copy.deepcopy(optimizer.state_dict())
+    train_steps(m, network, optimizer, 1)
+    straight = delta_snapshot(network)
+
+    fresh = models.tiny_sd1()
+    resumed = make_network(fresh, {"density": "0.03", "progressive_iter": "off"})
+    params = list(resumed.parameters())
+    optimizer = make_optimizer(resumed)
+    freeze_and_cast(fresh, resumed)
+    with caplog.at_level("WARNING", logger="sara_network"):
+        resumed.load_state_dict(state)
+    optimizer.load_state_dict(optimizer_state)
+    assert all(a is b for a, b in zip(params, resumed.parameters()))
+    assert sum("the saved entries are used" in r.getMessage() for r in caplog.records) == 1
+    train_steps(fresh, resumed, optimizer, 1)
+    for name, value in straight.items():
+        assert torch.equal(delta_snapshot(resumed)[name], value), name
+    torch.testing.assert_close(outputs(fresh), outputs(m))
 
 
 def test_progressive_step_freezes_exactly():
@@ -524,3 +557,150 @@ def test_network_weights_skips_the_selection_and_trains_from_the_file(tmp_path):
     freeze_and_cast(fresh, deferred)
     train_steps(fresh, deferred, optimizer, 2)
     assert any(not torch.equal(before[n], d) for n, d in delta_snapshot(deferred).items())
+
+
+# --- FLUX.1 / SD3 trainers (flux_train_network.py, sd3_train_network.py) ------------------------------
+DIT_KINDS = {"flux": kohya_driver.tiny_flux, "sd3": kohya_driver.tiny_sd3}
+DIT_TRAINED = {"flux": ["lora_te1", "unet"], "sd3": ["lora_te1", "lora_te2", "unet"]}
+
+
+def bits(tensor):
+    return tensor.detach().contiguous().view(torch.uint8).clone()
+
+
+def dit_network(m, args, **flags):
+    """kohya's FLUX/SD3 order up to apply_to: create_network, prepare_network, then
+    post_process_network reads network.train_t5xxl (unguarded) before apply_to."""
+    network = sara_network.create_network(1.0, None, 1.0, None, m.text_encoders, m.unet, neuron_dropout=None,
+                                           dropout=None, **args)
+    network.prepare_network(types.SimpleNamespace(max_train_steps=8, network_weights=flags.get("network_weights")))
+    train_t5xxl = network.train_t5xxl
+    network.apply_to(m.text_encoders, m.unet, flags.get("train_text_encoder", True), True)
+    return network, train_t5xxl
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_flux_and_sd3_trainer_call_order_leaves_t5_alone(tmp_path, kind):
+    """The trainers' sequence with the default train_t5xxl=false: CLIP encoders and the DiT get
+    deltas under kohya's names, T5-XXL none; T5 stays bit-identical through training; the file
+    reloads through create_network_from_weights onto fresh models with the same outputs."""
+    m = DIT_KINDS[kind]()
+    t5_before = {n: bits(p) for n, p in m.text_encoders[-1].named_parameters()}
+    network, train_t5xxl = dit_network(m, ARGS)
+    assert train_t5xxl is False
+    names = [name for name, _ in network.named_children()]
+    assert sorted({component_of(name) for name in names}) == DIT_TRAINED[kind]
+    expected = {"flux": ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_1_txt_mlp_2",
+                         "lora_unet_single_blocks_0_linear1", "lora_unet_final_layer_adaLN_modulation_1"],
+                "sd3": ["lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_x_block_attn2_qkv",
+                        "lora_unet_joint_blocks_1_context_block_mlp_fc2", "lora_unet_x_embedder_proj"]}[kind]
+    assert set(expected) <= set(names)
+    assert not any(name.startswith("lora_te3") for name in names)
+    network.enable_gradient_checkpointing()  # --gradient_checkpointing
+    groups, descriptions = network.prepare_optimizer_params_with_multiple_te_lrs([1e-3, 2e-3], 2e-3, 1e-3)
+    assert descriptions == ["unet", "textencoder 1"] + (["textencoder 2"] if kind == "sd3" else [])
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    freeze_and_cast(m, network)
+    before = delta_snapshot(network)
+    train_steps(m, network, optimizer, 3)
+    after = delta_snapshot(network)
+    for component in DIT_TRAINED[kind]:
+        prefix = "lora_unet_" if component == "unet" else component + "_"
+        assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith(prefix)), component
+    assert all(torch.equal(bits(p), t5_before[n]) for n, p in m.text_encoders[-1].named_parameters())
+    path = str(tmp_path / f"{kind}.safetensors")
+    network.save_weights(path, None, {"ss_base_model_version": "flux1" if kind == "flux" else "sd3"})
+    deltas, _ = load_native(path)
+    assert {d.name for d in deltas} == set(names)
+
+    fresh = DIT_KINDS[kind]()
+    loaded, _ = sara_network.create_network_from_weights(1.0, path, None, fresh.text_encoders, fresh.unet)
+    assert loaded.train_t5xxl is False
+    loaded.apply_to(fresh.text_encoders, fresh.unet, True, True)
+    with torch.no_grad():
+        batch = models.batch(kind, 5)[:3]
+        torch.testing.assert_close(kohya_driver.predict(fresh, *batch), kohya_driver.predict(m, *batch))
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_train_t5xxl_selects_in_t5_and_files_carry_it(tmp_path, kind, caplog):
+    """train_t5xxl=true (kohya's network arg) selects and trains T5-XXL as lora_te3; a file with
+    lora_te3 modules sets train_t5xxl for create_network_from_weights (as kohya's LoRA does), and
+    --network_weights into a run without it leaves those modules out, saying so."""
+    m = DIT_KINDS[kind]()
+    network, train_t5xxl = dit_network(m, {**ARGS, "train_t5xxl": "True"})
+    assert train_t5xxl is True
+    t5_names = [name for name, _ in network.named_children() if name.startswith("lora_te3_")]
+    assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q" in t5_names
+    optimizer = make_optimizer(network)
+    freeze_and_cast(m, network)
+    before = delta_snapshot(network)
+    train_steps(m, network, optimizer, 2)
+    after = delta_snapshot(network)
+    assert any(not torch.equal(before[n], after[n]) for n in t5_names)
+    path = str(tmp_path / "with_t5.safetensors")
+    network.save_weights(path, None, {})
+
+    fresh = DIT_KINDS[kind]()
+    from_file, _ = sara_network.create_network_from_weights(1.0, path, None, fresh.text_encoders, fresh.unet)
+    assert from_file.train_t5xxl is True
+    without, _ = dit_network(DIT_KINDS[kind](), ARGS, network_weights=path)
+    with caplog.at_level("INFO", logger="sara_network"):
+        without.load_weights(path)
+    assert not any(name.startswith("lora_te3_") for name, _ in without.named_children())
+    assert len(without.sara_modules()) == len(network.sara_modules()) - len(t5_names)
+    assert any("(lora_te3) are not loaded: not trained in this run" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SaraOptionError, match="train_t5xxl='maybe'"):
+        sara_network.create_network(1.0, None, 1.0, None, m.text_encoders, m.unet, train_t5xxl="maybe")
+
+
+@pytest.mark.parametrize("cast", ["before_apply_to", "after_apply_to"])
+def test_fp8_base_stays_bit_exact_and_deltas_are_saved_unrounded(tmp_path, cast):
+    """--fp8_base. FLUX/SD3 load the DiT in fp8 before apply_to (selection from the fp8 values);
+    train_network.py casts after apply_to (selection from the weights as loaded). Either way the
+    fp8 weights are never written (the patched weight is a bf16 copy), each patched layer computes
+    with fp32(w + delta) rounded once to bf16, and the file holds the fp32 deltas, also those
+    smaller than fp8 can represent at their entry."""
+    m = kohya_driver.tiny_flux()
+    threshold = 0.02
+    original = {name: module.weight.detach().clone() for name, module in m.unet.named_modules()
+                if isinstance(module, torch.nn.Linear)}
+    if cast == "before_apply_to":
+        m.unet.to(torch.float8_e4m3fn)
+    network, _ = dit_network(m, {"threshold": str(threshold), "progressive_iter": "off"}, train_text_encoder=False)
+    for module in network.sara_modules():
+        source = module.base.weight if cast == "before_apply_to" else original[module.path]
+        assert torch.equal(module.indices.long(), (source.float().abs() < threshold).reshape(-1).nonzero().reshape(-1))
+    optimizer = make_optimizer(network)
+    freeze_and_cast(m, network)
+    if cast == "after_apply_to":
+        m.unet.to(torch.float8_e4m3fn)  # train_network.py: unet.to(fp8) after apply_to
+    fp8_bits = {name: bits(p) for name, p in m.unet.named_parameters()}
+    train_steps(m, network, optimizer, 2, autocast_dtype=torch.bfloat16)
+    assert all(torch.equal(bits(p), fp8_bits[name]) for name, p in m.unet.named_parameters())
+
+    module = network.get_submodule("lora_unet_double_blocks_0_img_attn_qkv")
+    x = torch.randn(2, 5, kohya_driver.HIDDEN)
+    weight = module.base.weight.float().reshape(-1).clone()
+    weight[module.indices.long()] += module.delta.detach()
+    reference = torch.nn.functional.linear(x.bfloat16(), weight.view(module.weight_shape).bfloat16(),
+                                           module.base.bias.bfloat16())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(module.base(x), reference)
+    network.unpatch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = torch.nn.functional.linear(x.bfloat16(), module.base.weight.bfloat16(), module.base.bias.bfloat16())
+        assert torch.equal(module.base(x), plain)
+    assert all(torch.equal(bits(p), fp8_bits[name]) for name, p in m.unet.named_parameters())
+
+    path = str(tmp_path / "fp8.safetensors")
+    network.save_weights(path, None, {})
+    saved = {d.name: d for d in load_native(path)[0]}
+    lost_in_fp8 = 0
+    for mod in network.sara_modules():
+        assert saved[mod.sara_name].values.dtype == torch.float32
+        assert torch.equal(saved[mod.sara_name].values, mod.delta.detach())
+        base = mod.base.weight.reshape(-1)[mod.indices.long()].float()
+        rounded = (base + mod.delta.detach()).to(torch.float8_e4m3fn).float() - base
+        lost_in_fp8 += int(((rounded != mod.delta.detach()) & (mod.delta.detach() != 0)).sum())
+    assert lost_in_fp8 > 0  # deltas an fp8 write-back would have changed are kept exactly

@@ -100,3 +100,27 @@ def test_presets(tmp_path):
     bad.write_text('[unet]\ninclud = ["*"]\n')
     with pytest.raises(PresetError, match="unknown keys"):
         load_preset(str(bad))
+
+
+def test_budget_on_tied_weights_is_exact_and_takes_ties_by_position(caplog):
+    """An fp8 base rounds many weights to one value (exact zeros above all): a budget whose cut falls
+    inside such a group takes the group's first entries, in module order, and meets the budget."""
+    from sara_network.network import SaraNetwork, collect_targets
+    from sara_network.options import SaraConfig
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).to(torch.float8_e4m3fn)
+    layers[0].weight.data.view(-1)[:40] = 0  # make sure the group at 0 is larger than the budget
+    zeros = sum(int((layer.weight.float() == 0).sum()) for layer in layers)
+    budget = zeros // 2
+    network = SaraNetwork(SaraConfig(budget=budget, progressive_iter=None))
+    with caplog.at_level("WARNING", logger="sara_network"):
+        network.select(collect_targets(layers, [], [], "full"))
+    modules = network.sara_modules()
+    assert sum(m.indices.numel() for m in modules) == budget
+    chosen = torch.cat([m.base.weight.float().reshape(-1)[m.indices.long()] for m in modules])
+    assert torch.all(chosen == 0)
+    first_zeros = (layers[0].weight.float().reshape(-1) == 0).nonzero().reshape(-1)[:budget]
+    assert torch.equal(modules[0].indices.long(), first_zeros)  # lowest positions of the first module first
+    assert network.thresholds["unet"] > 0  # the taken entries count as below the recorded threshold
+    assert any("taken in module order to meet the budget exactly" in r.getMessage() for r in caplog.records)

@@ -8,9 +8,10 @@
 #                 this repository with `pip install -e`) when it has no python yet.
 # WORK_DIR        models, dataset and outputs (default /tmp/sara-kohya-e2e).
 #
-# Runs on the CPU (accelerate --cpu) with a random-init model built locally: no hub access.
-# Stages (env STAGES, default "install assets sd1 resume variants te_only typo"; add "sdxl"):
-#   install   venv + packages          assets  tokenizers, random SD1.x (and SDXL) folders, dataset
+# Runs on the CPU (accelerate --cpu) with random-init models built locally: no hub access.
+# Stages (env STAGES, default "install assets sd1 resume variants te_only typo"); results and what
+# failed and why: docs/kohya-e2e.md.
+#   install   venv + packages          assets  tokenizers, random models for the chosen stages, dataset
 #   sd1       train_network.py, fp32, AdamW8bit, grad accumulation + checkpointing, step saves + states
 #   resume    --resume from the step-3 state, one more step (--skip_until_initial_step, and accumulation 1:
 #             kohya 48d368fa multiplies the skipped steps by the accumulation but divides by optimizer
@@ -19,9 +20,16 @@
 #             --save_model_as ckpt, --scale_weight_norms, --network_train_unet_only
 #   te_only   --network_train_text_encoder_only with --network_weights, --save_precision bf16
 #   typo      a misspelt --network_args key must fail with SaRA's list of valid keys
-#   sdxl      sdxl_train_network.py on a full-size random SDXL (kohya hard-codes the 2.57B architecture).
-#             NOT run yet (time box, CPU): the U-Net config was checked against kohya's
-#             SdxlUNet2DConditionModel on the meta device (same keys and shapes); needs ~20 GB RAM.
+#   sdxl      sdxl_train_network.py on a full-size random SDXL U-Net (kohya hard-codes the 2.57B
+#             architecture), --full_bf16 (loads it in bf16: ~8 GB RAM), 2 steps, states
+#   sdxl_fp8  --fp8_base with --network_weights     sdxl_resume  --resume from the step-1 state
+#   flux      flux_train_network.py on kohya's Flux (dev width, 1 double + 1 single block), full-size
+#             CLIP-L and T5-XXL (fp8 file): bf16, 2 steps, states; T5-XXL must get no modules
+#   flux_resume, flux_fp8 (--fp8_base_unet + --network_weights), flux_fp8_base (--fp8_base),
+#   flux_swap (--blocks_to_swap 1 on a 2 double + 4 single block model), flux_t5 (train_t5xxl=true)
+#   sd3       sd3_train_network.py on kohya's MMDiT (SD3.5-medium layout, depth 2), CLIP-L/G, T5-XXL
+#   sd3_resume, sd3_fp8 (--fp8_base_unet + --network_weights)
+#   The FLUX/SD3 stages need ~12 GB RAM (T5-XXL in bf16), the SDXL ones ~8 GB; run one at a time.
 # Every trained file is checked: native format, ss_* metadata, sshs_model_hash of the data section.
 set -euo pipefail
 SD=$(cd "${1:?usage: kohya_e2e.sh SD_SCRIPTS_DIR VENV_DIR [WORK_DIR]}" && pwd)
@@ -45,7 +53,7 @@ if has install && [ ! -x "$PY" ]; then
   "$VENV/bin/pip" install -q -e "$REPO"
 fi
 "$PY" -c "import torch, diffusers, transformers, accelerate, bitsandbytes, sara_network; print('versions: torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', bitsandbytes.__version__, 'sara_network', sara_network.__version__)"
-echo "sd-scripts commit: $(git -C "$SD" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "sd-scripts commit: $(git -C "$SD" rev-parse --short HEAD 2>/dev/null || cat "$SD/COMMIT.txt" 2>/dev/null || echo unknown)"
 
 cat > "$WORK/build_assets.py" <<'PYEOF'
 """Build random-init SD1.x / SDXL diffusers folders, CLIP tokenizers and a tiny dataset (no downloads)."""
@@ -142,7 +150,9 @@ def build_sdxl(out: str, tokenizer_files: str) -> None:
 
     torch.manual_seed(0)
     # kohya's SdxlUNet2DConditionModel hard-codes the SDXL architecture (2.57B): full size, saved fp16.
-    with torch.device("cpu"):
+    # Built on the meta device and filled in fp16 (normal(0, 1/sqrt(fan_in)) weights, zero biases,
+    # unit norms): 5 GB of RAM instead of a 10 GB fp32 model.
+    with torch.device("meta"):
         unet = UNet2DConditionModel(
             sample_size=128, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -151,7 +161,14 @@ def build_sdxl(out: str, tokenizer_files: str) -> None:
             attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816)
-    unet = unet.to(torch.float16)
+    unet = unet.to_empty(device="cpu").to(torch.float16)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
+            else:
+                param.fill_(0.0 if name.endswith("bias") else 1.0)
     # kohya takes hidden_states[11] of encoder 1 (needs >= 11 layers) and [-2] of encoder 2.
     te1 = CLIPTextModel(clip_config(768, 11, 12))
     te2 = CLIPTextModelWithProjection(clip_config(1280, 2, 20, projection=1280))
@@ -179,6 +196,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--open_clip_wheel", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--sd1", action="store_true")
     parser.add_argument("--sdxl", action="store_true")
     args = parser.parse_args()
     files = os.path.join(args.out, "bpe")
@@ -187,10 +205,164 @@ def main():
     clip_tokenizer(files, "<|endoftext|>").save_pretrained(os.path.join(cache, "openai_clip-vit-large-patch14"))
     clip_tokenizer(files, "!").save_pretrained(os.path.join(cache, "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"))
     build_dataset(os.path.join(args.out, "data"))
-    if not os.path.exists(os.path.join(args.out, "sd1", "model_index.json")):
+    if args.sd1 and not os.path.exists(os.path.join(args.out, "sd1", "model_index.json")):
         build_sd1(os.path.join(args.out, "sd1"), files)
     if args.sdxl and not os.path.exists(os.path.join(args.out, "sdxl", "model_index.json")):
         build_sdxl(os.path.join(args.out, "sdxl"), files)
+
+
+if __name__ == "__main__":
+    main()
+PYEOF
+cat > "$WORK/build_dit_assets.py" <<'PYEOF'
+"""Random-init FLUX.1 / SD3.5 checkpoints built from kohya's own model classes, plus a T5 tokenizer.
+
+Every model is built on the meta device by sd-scripts' loaders/classes (so keys and shapes are the
+ones its trainers load) and written tensor by tensor, never held in memory as a whole: T5-XXL alone
+is 4.76B parameters. kohya hard-codes the widths (FLUX 3072, CLIP-L/G, T5-XXL, the VAEs); only the
+depth of the FLUX and SD3 transformers comes from the checkpoint, so those two are made shallow.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3"}
+
+
+def init_value(key, shape, generator):
+    """bias -> 0, 1-D weight/scale (norms) -> 1, the rest normal(0, 1/sqrt(fan_in))."""
+    if len(shape) <= 1:
+        return torch.zeros(shape) if key.endswith("bias") else torch.ones(shape)
+    fan_in = math.prod(shape[1:])
+    return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+
+
+def write_random(path, shapes, dtype, seed):
+    """A safetensors file of random tensors with `shapes` ({key: shape}), written one tensor at a time."""
+    generator = torch.Generator().manual_seed(seed)
+    element = torch.tensor([], dtype=dtype).element_size()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape in shapes.items():
+        size = math.prod(shape) * element
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path + ".part", "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for key, shape in shapes.items():
+            f.write(init_value(key, shape, generator).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+    os.replace(path + ".part", path)
+    print(f"wrote {path}: {len(shapes)} tensors, {offset / 2**30:.2f} GiB", flush=True)
+
+
+def shapes_of(module, prefix=""):
+    return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def t5_tokenizer(out):
+    """A T5TokenizerFast with a small unigram vocabulary (ids < T5-XXL's 32128): captions tokenize offline."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = "a photo of sks thing number 0 1 2 3 4 5 6 7 8 9".split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+    pieces += [(chr(c), -5.0) for c in range(33, 127)] + [("\u2581", -3.0)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Replace("  ", " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    fast = T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+    fast.save_pretrained(out)
+
+
+def build_flux(out, args):
+    from dataclasses import replace
+
+    from library import flux_models, flux_utils
+
+    params = replace(flux_models.configs["dev"].params, depth=args.flux_double, depth_single_blocks=args.flux_single)
+    with torch.device("meta"):
+        flux = flux_models.Flux(params)
+        ae = flux_models.AutoEncoder(flux_models.configs["dev"].ae_params)
+    write_random(os.path.join(out, "flux.safetensors"), shapes_of(flux), torch.bfloat16, 1)
+    write_random(os.path.join(out, "ae.safetensors"), shapes_of(ae), torch.bfloat16, 2)
+    clip_l = flux_utils.load_clip_l(None, torch.bfloat16, "cpu", state_dict={})  # meta: kohya's CLIP-L config
+    write_random(os.path.join(out, "clip_l.safetensors"), shapes_of(clip_l), torch.bfloat16, 3)
+
+
+def build_flux_swap(out):
+    """kohya's block swap needs >= 2 double and >= 4 single blocks to swap one block."""
+    from dataclasses import replace
+
+    from library import flux_models
+
+    params = replace(flux_models.configs["dev"].params, depth=2, depth_single_blocks=4)
+    with torch.device("meta"):
+        flux = flux_models.Flux(params)
+    write_random(os.path.join(out, "flux_swap.safetensors"), shapes_of(flux), torch.bfloat16, 8)
+
+
+def build_t5(out):
+    from library import flux_utils
+
+    t5 = flux_utils.load_t5xxl(None, None, "cpu", state_dict={})  # meta: kohya's T5-XXL config
+    write_random(os.path.join(out, "t5xxl_fp8.safetensors"), shapes_of(t5), torch.float8_e4m3fn, 4)
+
+
+def build_sd3(out, args):
+    from library import sd3_models, sd3_utils
+
+    hidden = 64 * args.sd3_depth
+    params = sd3_models.SD3Params(patch_size=2, depth=args.sd3_depth, num_patches=32 * 32, pos_embed_max_size=32,
+                                  adm_in_channels=2048, qk_norm="rms", x_block_self_attn_layers=[0],
+                                  context_embedder_in_features=4096, context_embedder_out_features=hidden,
+                                  model_type="5-medium")  # SD3.5-medium layout (MMDiT-X), shallow
+    with torch.device("meta"):
+        mmdit = sd3_models.create_sd3_mmdit(params)
+    vae = sd3_models.SDVAE(torch.float32, "meta")
+    shapes = {**shapes_of(mmdit, "model.diffusion_model."), **shapes_of(vae, "first_stage_model.")}
+    write_random(os.path.join(out, "sd35.safetensors"), shapes, torch.bfloat16, 5)
+    key = "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight"
+    clip_g = sd3_utils.load_clip_g(None, torch.bfloat16, "cpu", state_dict={key: torch.zeros(1)})  # meta
+    write_random(os.path.join(out, "clip_g.safetensors"), shapes_of(clip_g), torch.bfloat16, 6)
+    clip_l_key = "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight"
+    clip_l = sd3_utils.load_clip_l(None, torch.bfloat16, "cpu", state_dict={clip_l_key: torch.zeros(1)})
+    write_random(os.path.join(out, "clip_l_sd3.safetensors"), shapes_of(clip_l), torch.bfloat16, 7)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sd_scripts", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default="flux,sd3")
+    parser.add_argument("--flux_double", type=int, default=1)
+    parser.add_argument("--flux_single", type=int, default=1)
+    parser.add_argument("--sd3_depth", type=int, default=2)
+    args = parser.parse_args()
+    sys.path.insert(0, args.sd_scripts)
+    out = os.path.join(args.out, "dit")
+    os.makedirs(out, exist_ok=True)
+    tokenizer_dir = os.path.join(args.out, "tokenizers", "google_t5-v1_1-xxl")
+    if not os.path.exists(tokenizer_dir):
+        t5_tokenizer(tokenizer_dir)
+    models = args.models.split(",")
+    if "flux" in models and not os.path.exists(os.path.join(out, "clip_l.safetensors")):
+        build_flux(out, args)
+    if "flux_swap" in models and not os.path.exists(os.path.join(out, "flux_swap.safetensors")):
+        build_flux_swap(out)
+    if any(m in models for m in ("flux", "flux_swap", "sd3")) and not os.path.exists(os.path.join(out, "t5xxl_fp8.safetensors")):
+        build_t5(out)
+    if "sd3" in models and not os.path.exists(os.path.join(out, "clip_l_sd3.safetensors")):
+        build_sd3(out, args)
 
 
 if __name__ == "__main__":
@@ -204,6 +376,7 @@ import struct
 import sys
 
 from sara_network.fileformat import load_native
+from sara_network.naming import component_of
 
 path = sys.argv[1]
 expect = dict(arg.split("=", 1) for arg in sys.argv[2:])  # e.g. dtype=torch.float16 trained=unet
@@ -211,7 +384,7 @@ deltas, metadata = load_native(path)
 total = sum(d.indices.numel() for d in deltas)
 frozen = sum(int(d.frozen.sum()) for d in deltas if d.frozen is not None)
 nonzero = sum(int((d.values != 0).sum()) for d in deltas)
-components = sorted({"unet" if d.name.startswith("lora_unet_") else d.name.split("_text_model_")[0] for d in deltas})
+components = sorted({component_of(d.name) for d in deltas})
 dtypes = sorted({str(d.values.dtype) for d in deltas})
 print(f"{path}: {len(deltas)} modules, {total:,d} deltas ({nonzero:,d} non-zero, {frozen:,d} frozen), "
       f"components {components}, dtypes {dtypes}, steps {metadata.get('sara_optimizer_steps')}")
@@ -248,8 +421,16 @@ if has assets; then
   log "assets"
   mkdir -p "$WORK/dl"
   ls "$WORK"/dl/open_clip_torch-*.whl >/dev/null 2>&1 || "$VENV/bin/pip" download -q open-clip-torch --no-deps -d "$WORK/dl"
+  SD1_STAGES=0; for stage in sd1 resume variants te_only typo; do has $stage && SD1_STAGES=1; done
   "$PY" "$WORK/build_assets.py" --open_clip_wheel "$(ls "$WORK"/dl/open_clip_torch-*.whl | head -1)" --out "$WORK" \
-    $(has sdxl && echo --sdxl)
+    $([ $SD1_STAGES = 1 ] && echo --sd1) $(has sdxl && echo --sdxl)
+  DIT_MODELS=""; for stage in $STAGES; do case $stage in flux_swap) DIT_MODELS="$DIT_MODELS,flux,flux_swap";;
+    flux*) DIT_MODELS="$DIT_MODELS,flux";; sd3*) DIT_MODELS="$DIT_MODELS,sd3";; esac; done
+  if [ -n "$DIT_MODELS" ]; then
+    (cd "$SD" && "$PY" "$WORK/build_dit_assets.py" --sd_scripts "$SD" --out "$WORK" --models "${DIT_MODELS#,}") \
+      > "$WORK/dit_assets.log" 2>&1 || { echo "FAILED: DiT assets"; tail -20 "$WORK/dit_assets.log"; exit 1; }
+    grep "^wrote" "$WORK/dit_assets.log" || true
+  fi
 fi
 
 COMMON=(--tokenizer_cache_dir "$WORK/tokenizers" --train_data_dir "$WORK/data" --caption_extension .txt
@@ -266,6 +447,9 @@ train() {  # train SCRIPT LOGNAME MIXED_PRECISION ARGS...
                                           echo "FAILED: $name (tail of $WORK/logs/$name.log)"; tail -40 "$WORK/logs/$name.log"; return 1; }
 }
 check() { "$PY" "$WORK/check_file.py" "$@"; }
+has_module() {  # has_module LOG TEXT: the trainer's log shows TEXT
+  grep -q "$2" "$1" && echo "log shows: $2" || { echo "FAILED: $1 lacks '$2'"; return 1; }
+}
 SD1=(--pretrained_model_name_or_path "$WORK/sd1")
 FAILED=""
 
@@ -318,12 +502,107 @@ if has typo; then (
 ) || FAILED="$FAILED typo"; fi
 
 if has sdxl; then (
-  # (set -e does not act inside a `( ... ) || ...` list: each step exits by itself)
+  # real-size SDXL U-Net (2.57B). --full_bf16 makes kohya load it in bf16 (5 GB instead of 10 GB fp32
+  # plus a conversion copy) and keeps the deltas in bf16 too; text encoders cached, U-Net only
   rm -rf "$WORK/out_sdxl" || exit 1
   train sdxl_train_network.py sdxl bf16 --pretrained_model_name_or_path "$WORK/sdxl" --output_dir "$WORK/out_sdxl" \
-    --output_name saraxl --network_args "density=0.01" "progressive_iter=1" --network_train_unet_only \
-    --cache_text_encoder_outputs --max_train_steps 1 --gradient_checkpointing --save_model_as safetensors || exit 1
-  check "$WORK/out_sdxl/saraxl.safetensors" components=unet || exit 1
+    --output_name saraxl --network_args "density=0.01" "progressive_iter=2" --network_train_unet_only \
+    --cache_text_encoder_outputs --full_bf16 --max_train_steps 2 --save_every_n_steps 1 --save_state \
+    --gradient_checkpointing --save_model_as safetensors || exit 1
+  check "$WORK/out_sdxl/saraxl.safetensors" components=unet steps=2 || exit 1
 ) || FAILED="$FAILED sdxl"; fi
+if has sdxl_fp8; then (
+  # --fp8_base from the first run's entries (--network_weights); --full_bf16 again for the RAM
+  train sdxl_train_network.py sdxl_fp8 bf16 --pretrained_model_name_or_path "$WORK/sdxl" --output_dir "$WORK/out_sdxl" \
+    --output_name fp8 --network_weights "$WORK/out_sdxl/saraxl.safetensors" --network_train_unet_only \
+    --cache_text_encoder_outputs --full_bf16 --fp8_base --max_train_steps 1 --gradient_checkpointing --save_model_as safetensors || exit 1
+  check "$WORK/out_sdxl/fp8.safetensors" components=unet || exit 1
+) || FAILED="$FAILED sdxl_fp8"; fi
+if has sdxl_resume; then (
+  rm -rf "$WORK/out_sdxl_resume" || exit 1
+  train sdxl_train_network.py sdxl_resume bf16 --pretrained_model_name_or_path "$WORK/sdxl" \
+    --output_dir "$WORK/out_sdxl_resume" --output_name resumed --network_args "density=0.01" "progressive_iter=2" \
+    --network_train_unet_only --cache_text_encoder_outputs --full_bf16 --resume "$WORK/out_sdxl/saraxl-step00000001-state" \
+    --skip_until_initial_step --max_train_steps 2 --gradient_checkpointing --save_model_as safetensors || exit 1
+  has_module "$WORK/logs/sdxl_resume.log" "load train state from" || exit 1
+  check "$WORK/out_sdxl_resume/resumed.safetensors" components=unet steps=2 || exit 1
+) || FAILED="$FAILED sdxl_resume"; fi
+# --- FLUX.1 (flux_train_network.py): kohya's Flux class at the dev width, 1 double + 1 single block ---
+DIT="$WORK/dit"
+FLUX=(--pretrained_model_name_or_path "$DIT/flux.safetensors" --clip_l "$DIT/clip_l.safetensors"
+      --t5xxl "$DIT/t5xxl_fp8.safetensors" --ae "$DIT/ae.safetensors" --t5xxl_max_token_length 16
+      --guidance_scale 1.0 --timestep_sampling sigmoid --model_prediction_type raw --save_model_as safetensors)
+DIT_ARGS=(--network_args "density=0.02" "lambda_rank=5e-3" "progressive_iter=2")
+if has flux; then (
+  rm -rf "$WORK/out_flux" || exit 1
+  # bf16, CLIP-L trained with the DiT (the trainer's default), T5-XXL not (train_t5xxl defaults to false)
+  train flux_train_network.py flux bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name saraflux "${DIT_ARGS[@]}" \
+    --max_train_steps 2 --save_every_n_steps 1 --save_state --gradient_checkpointing || exit 1
+  check "$WORK/out_flux/saraflux-step00000001.safetensors" steps=1 components=lora_te1,unet || exit 1
+  check "$WORK/out_flux/saraflux.safetensors" steps=2 components=lora_te1,unet || exit 1
+  has_module "$WORK/logs/flux.log" "SaRA progressive step at optimizer step 2" || exit 1
+) || FAILED="$FAILED flux"; fi
+if has flux_resume; then (
+  rm -rf "$WORK/out_flux_resume" || exit 1
+  train flux_train_network.py flux_resume bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux_resume" --output_name resumed \
+    "${DIT_ARGS[@]}" --resume "$WORK/out_flux/saraflux-step00000001-state" --skip_until_initial_step \
+    --max_train_steps 2 --gradient_checkpointing || exit 1
+  has_module "$WORK/logs/flux_resume.log" "load train state from" || exit 1
+  check "$WORK/out_flux_resume/resumed.safetensors" steps=2 components=lora_te1,unet || exit 1
+) || FAILED="$FAILED flux_resume"; fi
+if has flux_fp8; then (
+  # fp8 DiT (--fp8_base_unet: the text encoders stay bf16) from the previous file's entries
+  train flux_train_network.py flux_fp8 bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name fp8unet \
+    "${DIT_ARGS[@]}" --network_weights "$WORK/out_flux/saraflux.safetensors" --fp8_base_unet \
+    --network_train_unet_only --cache_text_encoder_outputs --max_train_steps 1 --gradient_checkpointing || exit 1
+  has_module "$WORK/logs/flux_fp8.log" "Loaded fp8 FLUX model\|Cast FLUX model to fp8" || exit 1
+  check "$WORK/out_flux/fp8unet.safetensors" components=unet || exit 1
+) || FAILED="$FAILED flux_fp8"; fi
+if has flux_fp8_base; then (
+  # --fp8_base: the DiT and, on kohya's terms, the text encoders in fp8 (T5-XXL file is fp8: loaded as is)
+  train flux_train_network.py flux_fp8_base bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name fp8base \
+    "${DIT_ARGS[@]}" --fp8_base --max_train_steps 1 || exit 1
+  check "$WORK/out_flux/fp8base.safetensors" components=lora_te1,unet || exit 1
+) || FAILED="$FAILED flux_fp8_base"; fi
+if has flux_swap; then (
+  # --blocks_to_swap: kohya swaps whole blocks' weights (SaRA's patched layers live inside them); it
+  # needs >= 2 double and >= 4 single blocks for one swapped block, so a deeper model is built
+  train flux_train_network.py flux_swap bf16 "${FLUX[@]}" --pretrained_model_name_or_path "$DIT/flux_swap.safetensors" \
+    --output_dir "$WORK/out_flux" --output_name swap "${DIT_ARGS[@]}" --blocks_to_swap 1 --network_train_unet_only \
+    --cache_text_encoder_outputs --max_train_steps 1 || exit 1
+  has_module "$WORK/logs/flux_swap.log" "enable block swap: blocks_to_swap=1" || exit 1
+  check "$WORK/out_flux/swap.safetensors" components=unet || exit 1
+) || FAILED="$FAILED flux_swap"; fi
+if has flux_t5; then (
+  # train_t5xxl=true: T5-XXL (lora_te3) is selected and trained as well
+  train flux_train_network.py flux_t5 bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name t5 \
+    --network_args "density=0.001" "progressive_iter=off" "train_t5xxl=true" --max_train_steps 1 || exit 1
+  check "$WORK/out_flux/t5.safetensors" components=lora_te1,lora_te3,unet || exit 1
+) || FAILED="$FAILED flux_t5"; fi
+
+# --- SD3.5 (sd3_train_network.py): kohya's MMDiT, SD3.5-medium layout (qk RMSNorm, MMDiT-X), depth 2 ---
+SD3=(--pretrained_model_name_or_path "$DIT/sd35.safetensors" --clip_l "$DIT/clip_l_sd3.safetensors"
+     --clip_g "$DIT/clip_g.safetensors" --t5xxl "$DIT/t5xxl_fp8.safetensors" --t5xxl_max_token_length 16
+     --save_model_as safetensors)
+if has sd3; then (
+  rm -rf "$WORK/out_sd3" || exit 1
+  # CLIP-L and CLIP-G trained with the MMDiT (the trainer's default), T5-XXL not
+  train sd3_train_network.py sd3 bf16 "${SD3[@]}" --output_dir "$WORK/out_sd3" --output_name sara3 "${DIT_ARGS[@]}" \
+    --max_train_steps 2 --save_every_n_steps 1 --save_state --gradient_checkpointing || exit 1
+  check "$WORK/out_sd3/sara3.safetensors" steps=2 components=lora_te1,lora_te2,unet || exit 1
+) || FAILED="$FAILED sd3"; fi
+if has sd3_resume; then (
+  rm -rf "$WORK/out_sd3_resume" || exit 1
+  train sd3_train_network.py sd3_resume bf16 "${SD3[@]}" --output_dir "$WORK/out_sd3_resume" --output_name resumed \
+    "${DIT_ARGS[@]}" --resume "$WORK/out_sd3/sara3-step00000001-state" --skip_until_initial_step --max_train_steps 2 || exit 1
+  has_module "$WORK/logs/sd3_resume.log" "load train state from" || exit 1
+  check "$WORK/out_sd3_resume/resumed.safetensors" steps=2 components=lora_te1,lora_te2,unet || exit 1
+) || FAILED="$FAILED sd3_resume"; fi
+if has sd3_fp8; then (
+  train sd3_train_network.py sd3_fp8 bf16 "${SD3[@]}" --output_dir "$WORK/out_sd3" --output_name fp8 "${DIT_ARGS[@]}" \
+    --network_weights "$WORK/out_sd3/sara3.safetensors" --fp8_base_unet --network_train_unet_only \
+    --cache_text_encoder_outputs --max_train_steps 1 --gradient_checkpointing || exit 1
+  check "$WORK/out_sd3/fp8.safetensors" components=unet || exit 1
+) || FAILED="$FAILED sd3_fp8"; fi
 if [ -n "$FAILED" ]; then log "FAILED stages:$FAILED"; exit 1; fi
 log "all stages passed: $STAGES"
