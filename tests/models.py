@@ -333,7 +333,8 @@ def random_sara_file(models, path: str, seed: int, metadata: dict):
     import sara_network
 
     te = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
-    net = sara_network.create_network(1.0, None, None, None, te, models.unet, density="0.05", include_bias="true")
+    t5 = {"train_t5xxl": "true"} if models.kind in ("flux", "sd3") else {}  # kohya's arg: T5-XXL trains too
+    net = sara_network.create_network(1.0, None, None, None, te, models.unet, density="0.05", include_bias="true", **t5)
     net.apply_to(te, models.unet, True, True)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
