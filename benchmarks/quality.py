@@ -46,6 +46,9 @@ SARA_VARIANTS = {
     **{f"sara_lowrank_{weight}": dict(lambda_rank=float(weight), rank_target="update", rank_layers="all",
                                       rank_convs=True, rank_min_dim=16, progressive_iter=0.5)
        for weight in ("5e-3", "5e-4")},
+    # the same, each layer's term recomputed once every 50 steps and reused between (rank_refresh)
+    "sara_lowrank_5e-4_refresh50": dict(lambda_rank=5e-4, rank_target="update", rank_layers="all", rank_refresh=50,
+                                        rank_convs=True, rank_min_dim=16, progressive_iter=0.5),
 }
 CALIBRATION_BATCHES = 10  # gradient modes: training batches scored before training (own noise draws)
 SARA_LRS = (1e-3, 2e-3, 4e-3)
@@ -67,6 +70,8 @@ DESCRIPTION = {
     **{f"sara_lowrank_{weight}": f"SaRA as `sara` with the rank term on the update of every Linear and Conv2d with "
                                  f"min dim > 16 (rank_target=update, rank_layers=all, rank_convs=true), lambda_rank {weight}"
        for weight in ("5e-3", "5e-4")},
+    "sara_lowrank_5e-4_refresh50": "SaRA as `sara_lowrank_5e-4`, each layer's term recomputed once every 50 steps "
+                                   "(spread by cost) and its last value applied at every step (rank_refresh=50)",
     "lora": "PEFT LoRA (inject_adapter_in_model) on all 65 Linear/Conv2d, rank matched, alpha = rank",
     "locon": "LyCORIS LoCon on all Linear/Conv2d, same rank as LoRA, alpha = rank",
     "lokr": "LyCORIS LoKr (full-matrix, factor with the count nearest the budget) on all Linear/Conv2d",

@@ -27,7 +27,7 @@ from .ops import compute_dtype, conv_padding, effective_values, sparse_delta_con
 from .options import GRADIENT_MODES, SaraConfig, SaraOptionError, auto_lr
 from .presets import TargetRules, load_preset
 from .progress import Progress, no_progress, progress_bars
-from .regularizers import rank_penalty_grad
+from .regularizers import polar_cost, rank_penalty_grad, refresh_slots
 
 logger = logging.getLogger("sara_network")
 
@@ -364,6 +364,8 @@ class SaraNetwork(nn.Module):
         self.register_load_state_dict_post_hook(SaraNetwork._after_load_state_dict)
         self._hook_handles = []
         self._optimizer_owns_us = weakref.WeakKeyDictionary()
+        self._rank_slots: Optional[tuple] = None  # rank_refresh: (the layers, the step slot of each)
+        self._rank_cache: dict[str, tuple] = {}  # rank_refresh: (indices, their version, grad, norm) per layer
 
     # --- construction -------------------------------------------------------------------------
     def sara_modules(self) -> list[SaraModule]:
@@ -822,20 +824,53 @@ class SaraNetwork(nn.Module):
         order = torch.randperm(len(eligible), generator=generator)[: self.config.rank_layers]
         return [eligible[position] for position in order.tolist()]
 
+    def rank_refresh_due(self) -> Optional[set[str]]:
+        """With rank_refresh=N > 1: the layers whose subgradient this step recomputes (each layer once
+        every N steps, spread by cost: regularizers.refresh_slots); None: every layer, every step."""
+        period = self.config.rank_refresh
+        if period <= 1:
+            return None
+        candidates = [(module.sara_name, self.rank_matrix_shape(module)) for module in self.sara_modules()]
+        candidates = tuple((name, shape) for name, shape in candidates
+                           if shape is not None and min(shape) > self.config.rank_min_dim)
+        if self._rank_slots is None or self._rank_slots[0] != candidates:
+            slots = refresh_slots([polar_cost(shape) for _, shape in candidates], period)
+            self._rank_slots = (candidates, {name: slot for (name, _), slot in zip(candidates, slots)})
+        step_slot = int(self.optimizer_steps) % period
+        return {name for name, slot in self._rank_slots[1].items() if slot == step_slot}
+
+    def cached_rank_grad(self, module: SaraModule) -> Optional[tuple[torch.Tensor, float]]:
+        """The last subgradient computed for `module`, unless its selected entries changed since."""
+        cached = self._rank_cache.get(module.sara_name)
+        if cached is None or cached[0] is not module.indices or cached[1] != module.indices._version:
+            return None
+        return cached[2], cached[3]
+
     @torch.no_grad()
     def apply_rank_gradients(self) -> None:
-        """Add lambda_rank * subgradient of ||masked matrix||_* to the deltas of the chosen eligible layers."""
+        """Add lambda_rank * subgradient of ||masked matrix||_* to the deltas of the chosen eligible layers.
+
+        With rank_refresh > 1 a layer not due this step gets its last computed subgradient (kept for the
+        selected entries only: one fp32 value per selected entry); after a restart or a change of the
+        selection every layer is recomputed at once."""
         weight = self.config.lambda_rank
         eligible = self.rank_eligible() if weight > 0 else []
         if not eligible:
             return
+        due = self.rank_refresh_due()
         norms = []
         for module, shape in self.rank_layers_this_step(eligible):
-            entries = module.pinned_delta().detach().to(torch.float32)
-            if self.config.rank_target == "weights":
-                entries = entries + module.base_values_fp32()
-            grad, norm = rank_penalty_grad(shape, module.indices, entries, weight,
-                                           self.config.rank_method)
+            cached = None if due is None or module.sara_name in due else self.cached_rank_grad(module)
+            if cached is None:
+                entries = module.pinned_delta().detach().to(torch.float32)
+                if self.config.rank_target == "weights":
+                    entries = entries + module.base_values_fp32()
+                grad, norm = rank_penalty_grad(shape, module.indices, entries, weight, self.config.rank_method)
+                if due is not None:
+                    self._rank_cache[module.sara_name] = (module.indices, module.indices._version, grad, norm)
+            else:
+                grad, norm = cached
+            grad = grad.clone()  # the cache must not alias a gradient the host zeroes or scales in place
             if module.frozen_positions.numel():
                 grad.index_put_((module.frozen_positions,), torch.zeros((), dtype=grad.dtype))
             grad = grad.to(module.delta.dtype)

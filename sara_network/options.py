@@ -168,6 +168,9 @@ OPTIONS: tuple[Option, ...] = (
            "Matrix whose nuclear norm is penalised: 'weights' (masked weights, the paper) or 'update'."),
     Option("rank_layers", parse_rank_layers, 1,
            "How many random eligible 2-D layers get the term per step (authors: 1), or 'all' of them."),
+    Option("rank_refresh", parse_positive_int, 1,
+           "With rank_layers=all: recompute each layer's subgradient once every N optimizer steps (the layers "
+           "spread over the N steps by cost) and apply the last one computed at every step; 1: every step."),
     Option("rank_method", parse_rank_method, "svd",
            "Subgradient of the term: 'svd' (exact) or 'newton_schulz' (matmuls only, approximate; see "
            "regularizers.py)."),
@@ -202,6 +205,7 @@ class SaraConfig:
     lambda_rank: float = 0.0
     rank_target: str = "weights"
     rank_layers: int | str = 1
+    rank_refresh: int = 1
     rank_method: str = "svd"
     rank_min_dim: int = 64
     rank_convs: bool = False
@@ -212,6 +216,9 @@ class SaraConfig:
     def __post_init__(self):
         if self.budget is not None and self.density is not None:
             raise SaraOptionError("give either budget= or density=, not both")
+        if self.rank_refresh > 1 and self.rank_layers != "all":
+            raise SaraOptionError(f"rank_refresh={self.rank_refresh} needs rank_layers=all (it spreads the "
+                                  f"recomputation of every layer's term over steps); got rank_layers={self.rank_layers}")
 
     def to_json_dict(self) -> dict:
         return dataclasses.asdict(self)

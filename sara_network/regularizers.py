@@ -15,8 +15,15 @@ Only the selected entries of the subgradient reach the deltas. Computed in fp32,
   the subgradient is damped in those directions. The nuclear norm it reports is <G, A>, which
   undercounts such values by the same factor. tests/test_regularizers.py bounds the difference to
   the SVD on SD1.5 layer shapes.
+
+Either costs a dense polar factor per layer, far more than a training step on a CPU for every layer
+of SD1.5. With rank_refresh=N the network recomputes each layer once every N steps (`refresh_slots`
+spreads the layers so each step does about 1/N of the work) and applies the last value in between:
+the term acts on every layer at every step, with a subgradient at most N steps old.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -79,3 +86,21 @@ def rank_penalty_grad(shape: tuple[int, int], indices: torch.Tensor, entries: to
     """Gradient of weight * ||masked matrix||_* with respect to the selected entries, and the norm."""
     subgradient, norm = nuclear_norm_subgradient(masked_matrix(shape, indices, entries), method)
     return weight * subgradient.view(-1)[indices], norm
+
+
+def polar_cost(shape: tuple[int, int]) -> int:
+    """Relative work of one subgradient of an (m, n) matrix: an SVD costs about m * n * min(m, n)."""
+    return shape[0] * shape[1] * min(shape)
+
+
+def refresh_slots(costs: Sequence[float], period: int) -> list[int]:
+    """Spread layers of the given costs over `period` steps so that each step recomputes about the same
+    work: the largest first, each into the least-loaded step (ties: the earlier step, then the earlier
+    layer). Deterministic, so every process of a multi-GPU run refreshes the same layers."""
+    loads = [0.0] * period
+    slots = [0] * len(costs)
+    for layer in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        slot = min(range(period), key=lambda s: (loads[s], s))
+        slots[layer] = slot
+        loads[slot] += costs[layer]
+    return slots

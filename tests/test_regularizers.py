@@ -10,7 +10,7 @@ import torch
 import models
 from kohya_driver import freeze_and_cast, make_network
 from sara_network.options import SaraOptionError, parse_network_args
-from sara_network.regularizers import masked_matrix, nuclear_norm_subgradient
+from sara_network.regularizers import masked_matrix, nuclear_norm_subgradient, polar_cost, refresh_slots
 
 
 def sd15_masked_matrix(shape, density, target, seed):
@@ -141,13 +141,77 @@ def test_rank_layers_all_applies_the_term_once_to_every_eligible_layer(accumulat
             torch.testing.assert_close(change, torch.zeros_like(change), rtol=0, atol=1e-6)
 
 
+def test_rank_refresh_recomputes_each_layer_once_per_period_and_reuses_its_last_value_between():
+    lambda_rank, period = 0.25, 3
+    m = models.tiny_sd1()
+    network = make_network(m, {"density": "0.2", "progressive_iter": "off", "lambda_rank": str(lambda_rank),
+                               "rank_min_dim": "16", "rank_layers": "all", "rank_refresh": str(period)},
+                           train_text_encoder=True)
+    freeze_and_cast(m, network)
+    groups = network.prepare_optimizer_params(None, 1.0, 1.0)[0]
+    optimizer = torch.optim.SGD([{**group, "lr": 1.0} for group in groups], lr=1.0)
+    modules = network.sara_modules()
+
+    def step():
+        """(the subgradients at the matrices before the step, the rank part of the step's change)"""
+        for mod in modules:
+            mod.delta.grad = torch.zeros_like(mod.delta)
+        fresh = eligible_subgradients(network)
+        for mod in modules:
+            mod.delta.grad = None
+        return fresh, one_step_rank_contribution(m, network, optimizer, 1)
+
+    def recomputed(fresh, applied, last):
+        """The layers whose term this step recomputed; every other one must be its last value exactly."""
+        names = set()
+        for name, expected in fresh.items():
+            assert (expected - last[name]).abs().max() > 1e-2  # the two cases are told apart
+            if torch.allclose(applied[name], lambda_rank * expected.float(), rtol=0, atol=2e-5):
+                names.add(name)
+            else:
+                torch.testing.assert_close(applied[name], lambda_rank * last[name].float(), rtol=0, atol=2e-5)
+        return names
+
+    last, applied = step()  # nothing cached yet: every layer is computed
+    assert len(last) >= 8
+    for name, expected in last.items():
+        torch.testing.assert_close(applied[name], lambda_rank * expected.float(), rtol=0, atol=2e-5)
+    seen = []
+    for _ in range(period):
+        fresh, applied = step()
+        names = recomputed(fresh, applied, last)
+        last.update({name: fresh[name] for name in names})
+        seen.append(names)
+    assert all(seen) and sorted(n for names in seen for n in names) == sorted(last)  # each once per period
+    for mod in modules:
+        mod.indices.add_(0)  # an in-place change of the selection invalidates every cached value
+    fresh, applied = step()
+    assert recomputed(fresh, applied, last) == set(fresh)
+
+
+def test_refresh_slots_balance_the_work_over_the_period():
+    shapes = [(1280, 5120), (1280, 1280), (1280, 1280), (320, 320), (640, 640), (320, 768), (10240, 1280)]
+    costs = [polar_cost(shape) for shape in shapes]
+    for period in (1, 2, 3, 7, 20):
+        slots = refresh_slots(costs, period)
+        assert slots == refresh_slots(costs, period) and all(0 <= s < period for s in slots)
+        loads = [sum(c for c, s in zip(costs, slots) if s == slot) for slot in range(period)]
+        assert max(loads) <= sum(costs) / period + max(costs)  # the largest-first bound
+        if period >= len(costs):
+            assert len(set(slots)) == len(costs)  # one layer per step at most
+    assert refresh_slots([5, 4, 3, 3, 2, 1], 2) == [0, 1, 1, 0, 1, 0]  # loads 9 and 9
+
+
 def test_rank_option_parsing():
+    assert parse_network_args({"rank_layers": "all", "rank_refresh": "50"}).rank_refresh == 50
+    with pytest.raises(SaraOptionError, match="rank_refresh=4 needs rank_layers=all"):
+        parse_network_args({"rank_refresh": "4"})
     assert parse_network_args({"rank_layers": "all"}).rank_layers == "all"
     assert parse_network_args({"rank_layers": " ALL "}).rank_layers == "all"
     assert parse_network_args({"rank_layers": "3"}).rank_layers == 3
     assert parse_network_args({}).rank_layers == 1 and parse_network_args({}).rank_method == "svd"
     assert parse_network_args({"rank_method": "Newton_Schulz"}).rank_method == "newton_schulz"
     for key, value in [("rank_layers", "0"), ("rank_layers", "-2"), ("rank_layers", "some"), ("rank_layers", "1.5"),
-                       ("rank_method", "qr"), ("rank_method", "")]:
+                       ("rank_method", "qr"), ("rank_method", ""), ("rank_refresh", "0"), ("rank_refresh", "2.5")]:
         with pytest.raises(SaraOptionError, match=key):
             parse_network_args({key: value})
