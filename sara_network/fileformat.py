@@ -121,8 +121,26 @@ def base_fingerprint(named_weights: Iterable[tuple[str, torch.Tensor]], samples:
     return f"sha256:{digest.hexdigest()[:32]}:{encoded}"
 
 
+# fp8 formats as (torch name, relative step of the mantissa, smallest subnormal)
+FLOAT8_STEPS = (("float8_e5m2", 2.0 ** -2, 2.0 ** -16), ("float8_e4m3fn", 2.0 ** -3, 2.0 ** -9))
+
+
+def _float8_tolerance(sample: torch.Tensor) -> torch.Tensor:
+    """Per sampled value: one step of the coarsest fp8 format that holds it exactly, else 0. A
+    fingerprint of a base stored in fp8 (kohya --fp8_base; often only the U-Net / DiT) holds such
+    values; a value of another dtype is one by chance now and then, which only loosens that entry."""
+    tolerance = torch.zeros_like(sample)
+    for name, relative, absolute in FLOAT8_STEPS:
+        kind = getattr(torch, name, None)
+        if kind is not None:
+            exact = sample == sample.to(kind).float()
+            tolerance = torch.where(exact, torch.maximum(tolerance, relative * sample.abs() + absolute), tolerance)
+    return tolerance
+
+
 def same_base(first: Optional[str], second: Optional[str], rtol: float = 1e-2, atol: float = 1e-5) -> Optional[bool]:
-    """Whether two fingerprints describe the same base model (None when either is missing)."""
+    """Whether two fingerprints describe the same base model (None when either is missing). A value
+    that an fp8 format holds exactly is compared at that format's precision (one step)."""
     if not first or not second:
         return None
     try:
@@ -132,7 +150,10 @@ def same_base(first: Optional[str], second: Optional[str], rtol: float = 1e-2, a
         b = torch.frombuffer(bytearray(base64.b64decode(sample_b)), dtype=torch.float16).float()
     except (ValueError, TypeError):
         return first == second
-    return structure_a == structure_b and a.shape == b.shape and bool(torch.allclose(a, b, rtol=rtol, atol=atol))
+    if structure_a != structure_b or a.shape != b.shape:
+        return False
+    tolerance = torch.maximum(atol + rtol * b.abs(), torch.maximum(_float8_tolerance(a), _float8_tolerance(b)))
+    return bool(((a - b).abs() <= tolerance).all())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -491,6 +491,21 @@ def test_loading_onto_a_different_base_with_same_shapes_warns(tmp_path, caplog):
     assert any("different base model" in record.message for record in caplog.records)
 
 
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])
+def test_loading_onto_the_same_base_stored_in_fp8_does_not_warn_but_another_base_does(tmp_path, caplog, fp8):
+    """--fp8_base with --network_weights: the file was trained on the base in full precision; the
+    U-Net now holds the same weights rounded to fp8 (the text encoder stays as it was)."""
+    good = _trained_file(tmp_path)
+    for model, differs in ((models.tiny_sd1(), False), (models.tiny_sd1(seed=7), True)):
+        model.unet.to(getattr(torch, fp8))
+        network = make_network(model, ARGS)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sara_network"):
+            info = network.load_weights(str(good))
+        assert ("base model differs" in info) == differs
+        assert any("different base model" in record.message for record in caplog.records) == differs
+
+
 def test_atomic_save_never_leaves_a_partial_file(tmp_path):
     from sara_network.fileformat import atomic_write_bytes
 
