@@ -25,6 +25,8 @@ logger = logging.getLogger("sara_network")
 # modules in it only with the network arg train_t5xxl=True; the trainers read `network.train_t5xxl`
 # to decide whether T5 gets gradients (get_text_encoders_train_flags).
 T5_PREFIX = "lora_te3"
+# network args this adapter reads itself (besides the SaRA options)
+HOST_KEYS = ("train_t5xxl",)
 
 
 def _as_list(text_encoder) -> list:
@@ -270,7 +272,7 @@ def create_network(multiplier: float, network_dim: Optional[int], network_alpha:
     """
     _reject_dropout(neuron_dropout, kwargs)
     train_t5xxl = _pop_train_t5xxl(kwargs)
-    config = parse_network_args(kwargs)
+    config = parse_network_args(kwargs, host_keys=HOST_KEYS)
     return SaraKohyaNetwork(config, multiplier, _as_list(text_encoder), unet, network_dim, network_alpha,
                             train_t5xxl=bool(train_t5xxl))
 
@@ -290,7 +292,7 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae, tex
     train_t5xxl = _pop_train_t5xxl(kwargs)
     if train_t5xxl is None:  # as kohya's LoRA: a file with T5-XXL modules trains (and merges) T5-XXL
         train_t5xxl = any(component_of(d.name) == T5_PREFIX for d in deltas)
-    config = parse_network_args(kwargs)
+    config = parse_network_args(kwargs, host_keys=HOST_KEYS)
     network = SaraKohyaNetwork(config, multiplier, _as_list(text_encoder), unet, train_t5xxl=train_t5xxl)
     network.refuse_file(f"a weights file ({file or 'weights_sd'})")
     network._pending_deltas = deltas

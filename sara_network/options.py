@@ -224,16 +224,16 @@ class SaraConfig:
         return dataclasses.asdict(self)
 
 
-def parse_network_args(args: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> SaraConfig:
-    """Strictly parse `key=value` network args (values may be strings, as kohya passes them)."""
+def parse_network_args(args: Mapping[str, Any], host_keys: tuple[str, ...] = ()) -> SaraConfig:
+    """Strictly parse `key=value` network args (values may be strings, as kohya passes them).
+    `host_keys`: the args a host adapter takes out before (e.g. kohya's train_t5xxl), named in the
+    error for an unknown key so that a typo of one of them finds its spelling."""
     values = {}
     for key, raw in args.items():
-        if key in ignore:
-            continue
         option = _BY_NAME.get(key)
         if option is None:
             raise SaraOptionError(
-                f"unknown SaRA network arg {key!r}; valid keys are: {', '.join(OPTION_NAMES)}")
+                f"unknown SaRA network arg {key!r}; valid keys are: {', '.join(OPTION_NAMES + host_keys)}")
         if raw is None or (isinstance(raw, str) and raw.strip() == ""):
             raise SaraOptionError(f"network arg {key!r} has no value")
         try:

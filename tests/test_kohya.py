@@ -400,6 +400,8 @@ def test_bad_network_args():
     m = models.tiny_sd1()
     with pytest.raises(SaraOptionError, match="unknown SaRA network arg 'thresold'"):
         sara_network.create_network(1.0, None, None, None, m.text_encoders[0], m.unet, thresold="1e-3")
+    with pytest.raises(SaraOptionError, match=r"unknown SaRA network arg 'train_t5xl'.*seed, train_t5xxl$"):
+        sara_network.create_network(1.0, None, None, None, m.text_encoders[0], m.unet, train_t5xl="true")
     with pytest.raises(SaraOptionError, match="threshold='-1'"):
         sara_network.create_network(1.0, None, None, None, m.text_encoders[0], m.unet, threshold="-1")
     with pytest.raises(SaraOptionError, match="no dropout"):
