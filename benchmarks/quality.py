@@ -374,6 +374,11 @@ def matched_learning_rows(summary: dict, order: dict) -> list[list]:
     return rows
 
 
+def record_key(record: dict) -> tuple:
+    """What makes a run: a later run with the same key replaces the earlier one."""
+    return record["method"], record["lr"], record["seed"], record["steps"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
@@ -390,6 +395,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine more threads spin and run far slower)")
     parser.add_argument("--stem", default="", help="results file name (default quality / quality_sweep)")
     parser.add_argument("--fresh", action="store_true", help="drop earlier records in the results file")
+    parser.add_argument("--merge", default="",
+                        help="comma list of result stems (runs done in parallel) whose records join --stem's")
     parser.add_argument("--export_ranks", default="16",
                         help="SaRA runs: also measure their rank-r LoRA exports (comma list; '' for none)")
     args = parser.parse_args(argv)
@@ -446,12 +453,16 @@ def main(argv=None) -> int:
     records = []
     if json_path.exists() and not args.fresh and not args.smoke:
         records = json.loads(json_path.read_text()).get("records", [])
+    for other in filter(None, args.merge.split(",")):
+        merged = json.loads((out / f"{other}.json").read_text())["records"]
+        keys = {record_key(r) for r in merged}
+        records = [r for r in records if record_key(r) not in keys] + merged
     runs = [(m, lr, seed) for seed in args.seeds for m in methods
             for lr in (SWEEP[m] if args.sweep else (lrs[m],))]
     for method, lr, seed in runs:
         t0 = time.time()
         record = run_one(method, lr, seed, args, splits, base_state, base_metrics)
-        records = [r for r in records if (r["method"], r["lr"], r["seed"], r["steps"]) != (method, lr, seed, args.steps)]
+        records = [r for r in records if record_key(r) != record_key(record)]
         records.append(record)
         print(f"[{time.strftime('%H:%M:%S')}] {method} lr={lr_text(lr)} seed={seed}: new {record['new_loss']:.5f} "
               f"old {record['old_loss']:.5f} (Δ{record['forgetting']:+.5f}) acc {record['sample_acc']:.2f} "

@@ -101,7 +101,7 @@ def test_quality_tables(tmp_path):
     assert (smoke_out / "quality.png").stat().st_size > 0
 
 
-@pytest.mark.timeout(SMOKE_SECONDS["quality.py"] + PYTEST_SLACK)
+@pytest.mark.timeout(2 * SMOKE_SECONDS["quality.py"] + PYTEST_SLACK)
 def test_quality_style_task_with_selection_modes(tmp_path):
     """The second task kind, the selection modes and the paper's lr rule as a sweep point."""
     smoke_out = run_smoke("quality.py", tmp_path, "--task", "style", "--methods", "sara,sara_grad,sara_random",
@@ -112,6 +112,13 @@ def test_quality_style_task_with_selection_modes(tmp_path):
     assert rows[0][columns.index("frozen at the end")].endswith("%")
     records = json.loads((smoke_out / "quality_style.json").read_text())["records"]
     assert {r["task"] for r in records} == {"style"} and all(r["old_rows_unchanged"] for r in records)
+    # runs done in parallel into their own stems join one results file
+    run_smoke("quality.py", tmp_path, "--task", "style", "--methods", "sara_random", "--lr", "sara_random=1e-3",
+              "--stem", "joined", "--merge", "quality_style")
+    joined = json.loads((smoke_out / "joined.json").read_text())["records"]
+    assert sorted((r["method"], str(r["lr"])) for r in joined) == sorted(
+        [(r["method"], str(r["lr"])) for r in records] + [("sara_random", "0.001")])
+    assert [row[0] for row in tables((smoke_out / "joined.md").read_text())["Results"][1]].count("sara_random") == 2
 
 
 @pytest.mark.timeout(SMOKE_SECONDS["premise.py"] + PYTEST_SLACK)
