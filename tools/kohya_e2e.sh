@@ -29,6 +29,7 @@
 #   flux_swap (--blocks_to_swap 1 on a 2 double + 4 single block model), flux_t5 (train_t5xxl=true)
 #   sd3       sd3_train_network.py on kohya's MMDiT (SD3.5-medium layout, depth 2), CLIP-L/G, T5-XXL
 #   sd3_resume, sd3_fp8 (--fp8_base_unet + --network_weights)
+#   ratio     the README's threshold=2e-3 against kohya's LoRA dim 16 on the sd1 model: per-step time
 #   The FLUX/SD3 stages need ~12 GB RAM (T5-XXL in bf16), the SDXL ones ~8 GB; run one at a time.
 # Every trained file is checked: native format, ss_* metadata, sshs_model_hash of the data section.
 set -euo pipefail
@@ -421,7 +422,7 @@ if has assets; then
   log "assets"
   mkdir -p "$WORK/dl"
   ls "$WORK"/dl/open_clip_torch-*.whl >/dev/null 2>&1 || "$VENV/bin/pip" download -q open-clip-torch --no-deps -d "$WORK/dl"
-  SD1_STAGES=0; for stage in sd1 resume variants te_only typo; do has $stage && SD1_STAGES=1; done
+  SD1_STAGES=0; for stage in sd1 resume variants te_only typo ratio; do has $stage && SD1_STAGES=1; done
   "$PY" "$WORK/build_assets.py" --open_clip_wheel "$(ls "$WORK"/dl/open_clip_torch-*.whl | head -1)" --out "$WORK" \
     $([ $SD1_STAGES = 1 ] && echo --sd1) $(has sdxl && echo --sdxl)
   DIT_MODELS=""; for stage in $STAGES; do case $stage in flux_swap) DIT_MODELS="$DIT_MODELS,flux,flux_swap";;
@@ -604,5 +605,38 @@ if has sd3_fp8; then (
     --cache_text_encoder_outputs --max_train_steps 1 --gradient_checkpointing || exit 1
   check "$WORK/out_sd3/fp8.safetensors" components=unet || exit 1
 ) || FAILED="$FAILED sd3_fp8"; fi
+if has ratio; then (
+  # The step time a new user meets: the README's threshold=2e-3 against kohya's own LoRA (dim 16), same
+  # model, data, optimizer and precision, one after the other; RATIO_STEPS steps each (default 4).
+  # Per-step wall time from the trainer's progress bar, step 1 to the last (setup and selection excluded).
+  rm -rf "$WORK/out_ratio" || exit 1
+  train train_network.py ratio_sara no "${SD1[@]}" --output_dir "$WORK/out_ratio" --output_name sara \
+    --network_args "threshold=2e-3" --max_train_steps "${RATIO_STEPS:-4}" || exit 1
+  train train_network.py ratio_lora no "${SD1[@]}" --output_dir "$WORK/out_ratio" --output_name lora \
+    --network_module networks.lora --network_dim 16 --network_alpha 16 --max_train_steps "${RATIO_STEPS:-4}" || exit 1
+  "$PY" - "$WORK/logs/ratio_sara.log" "$WORK/logs/ratio_lora.log" <<'PYEOF' || exit 1
+import re, sys
+
+def seconds(text):
+    parts = [int(p) for p in text.split(":")]
+    return sum(value * 60 ** i for i, value in enumerate(reversed(parts)))
+
+def step_seconds(path):
+    log = open(path, errors="replace").read()
+    points = {}
+    for done, elapsed in re.findall(r"steps:\s+\d+%\|[^|]*\|\s*(\d+)/\d+ \[([\d:]+)<", log):
+        points.setdefault(int(done), seconds(elapsed))
+    first, last = min(points), max(points)
+    if not 1 <= first < last:
+        sys.exit(f"{path}: too few steps in the progress bar to time ({sorted(points)})")
+    return (points[last] - points[first]) / (last - first), last - first
+
+sara, sara_n = step_seconds(sys.argv[1])
+lora, lora_n = step_seconds(sys.argv[2])
+selected = re.findall(r"total: ([\d,]+) trainable", open(sys.argv[1], errors="replace").read())
+print(f"SaRA threshold=2e-3 ({selected[-1] if selected else '?'} entries): {sara:.1f} s/step over {sara_n} steps; "
+      f"LoRA dim 16: {lora:.1f} s/step over {lora_n} steps; SaRA / LoRA = {sara / lora:.2f}x")
+PYEOF
+) || FAILED="$FAILED ratio"; fi
 if [ -n "$FAILED" ]; then log "FAILED stages:$FAILED"; exit 1; fi
 log "all stages passed: $STAGES"
