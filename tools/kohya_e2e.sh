@@ -28,7 +28,8 @@
 #   flux_resume, flux_fp8 (--fp8_base_unet + --network_weights), flux_fp8_base (--fp8_base),
 #   flux_swap (--blocks_to_swap 1 on a 2 double + 4 single block model), flux_t5 (train_t5xxl=true)
 #   sd3       sd3_train_network.py on kohya's MMDiT (SD3.5-medium layout, depth 2), CLIP-L/G, T5-XXL
-#   sd3_resume, sd3_fp8 (--fp8_base_unet + --network_weights)
+#   sd3_resume, sd3_fp8 (--fp8_base_unet + --network_weights), sd3_t5 (train_t5xxl=true)
+#   (FLUX --split_mode is deprecated in this sd-scripts: it only sets --blocks_to_swap 18; no stage.)
 #   ratio     the README's threshold=2e-3 against kohya's LoRA dim 16 on the sd1 model: per-step time
 #   The FLUX/SD3 stages need ~12 GB RAM (T5-XXL in bf16), the SDXL ones ~8 GB; run one at a time.
 # Every trained file is checked: native format, ss_* metadata, sshs_model_hash of the data section.
@@ -380,7 +381,7 @@ from sara_network.fileformat import load_native
 from sara_network.naming import component_of
 
 path = sys.argv[1]
-expect = dict(arg.split("=", 1) for arg in sys.argv[2:])  # e.g. dtype=torch.float16 trained=unet
+expect = dict(arg.split("=", 1) for arg in sys.argv[2:])  # e.g. dtype=torch.float16 components=unet
 deltas, metadata = load_native(path)
 total = sum(d.indices.numel() for d in deltas)
 frozen = sum(int(d.frozen.sum()) for d in deltas if d.frozen is not None)
@@ -410,6 +411,16 @@ if "steps" in expect and metadata.get("sara_optimizer_steps") != expect["steps"]
     problems.append(f"sara_optimizer_steps {metadata.get('sara_optimizer_steps')}, expected {expect['steps']}")
 if nonzero == 0:
     problems.append("every delta is zero: nothing was trained")
+per_component = {}
+for d in deltas:
+    count = per_component.setdefault(component_of(d.name), [0, 0, 0])
+    count[0] += 1
+    count[1] += d.indices.numel()
+    count[2] += int((d.values != 0).sum())
+print("per component (modules, deltas, non-zero):", {k: tuple(v) for k, v in sorted(per_component.items())})
+for component in expect.get("trained", "").split(","):  # trained=lora_te3: that component's deltas moved
+    if component and per_component.get(component, [0, 0, 0])[2] == 0:
+        problems.append(f"no non-zero delta in {component}: it was not trained")
 print("metadata:", {k: metadata[k] for k in ("ss_steps", "ss_network_args", "ss_base_model_version",
                                            "modelspec.architecture", "sshs_model_hash") if k in metadata})
 if problems:
@@ -442,7 +453,7 @@ train() {  # train SCRIPT LOGNAME MIXED_PRECISION ARGS...
   local script=$1 name=$2 mp=$3; shift 3
   log "$script $name (mixed_precision=$mp) -> $WORK/logs/$name.log"
   mkdir -p "$WORK/logs"
-  (cd "$SD" && "$VENV/bin/accelerate" launch --cpu --num_processes 1 --num_machines 1 --num_cpu_threads_per_process "$(nproc)" \
+  (cd "$SD" && "$VENV/bin/accelerate" launch --cpu --num_processes 1 --num_machines 1 --num_cpu_threads_per_process "${OMP_NUM_THREADS:-$(nproc)}" \
       --mixed_precision "$mp" --dynamo_backend no "$script" --mixed_precision "$mp" "${COMMON[@]}" "$@") \
       > "$WORK/logs/$name.log" 2>&1 || { [ -n "${EXPECT_FAILURE:-}" ] && return 1
                                           echo "FAILED: $name (tail of $WORK/logs/$name.log)"; tail -40 "$WORK/logs/$name.log"; return 1; }
@@ -578,7 +589,7 @@ if has flux_t5; then (
   # train_t5xxl=true: T5-XXL (lora_te3) is selected and trained as well
   train flux_train_network.py flux_t5 bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name t5 \
     --network_args "density=0.001" "progressive_iter=off" "train_t5xxl=true" --max_train_steps 1 || exit 1
-  check "$WORK/out_flux/t5.safetensors" components=lora_te1,lora_te3,unet || exit 1
+  check "$WORK/out_flux/t5.safetensors" components=lora_te1,lora_te3,unet trained=lora_te1,lora_te3,unet || exit 1
 ) || FAILED="$FAILED flux_t5"; fi
 
 # --- SD3.5 (sd3_train_network.py): kohya's MMDiT, SD3.5-medium layout (qk RMSNorm, MMDiT-X), depth 2 ---
@@ -599,6 +610,16 @@ if has sd3_resume; then (
   has_module "$WORK/logs/sd3_resume.log" "load train state from" || exit 1
   check "$WORK/out_sd3_resume/resumed.safetensors" steps=2 components=lora_te1,lora_te2,unet || exit 1
 ) || FAILED="$FAILED sd3_resume"; fi
+if has sd3_t5; then (
+  # train_t5xxl=true for SD3 (kohya's lora_sd3 has the same network arg): T5-XXL trained with CLIP-L/G.
+  # The fp8 T5 file holds ~5% exact zeros, which one global magnitude threshold takes first: the 0.1%
+  # budget goes to T5 zeros and the random CLIPs' few exact zeros; the 2M-parameter MMDiT has none
+  # and gets no module (the sd3 stage trains it), so unet is not required here.
+  rm -f "$WORK/out_sd3/t5.safetensors" || exit 1
+  train sd3_train_network.py sd3_t5 bf16 "${SD3[@]}" --output_dir "$WORK/out_sd3" --output_name t5 \
+    --network_args "density=0.001" "progressive_iter=off" "train_t5xxl=true" --max_train_steps 1 || exit 1
+  check "$WORK/out_sd3/t5.safetensors" components=lora_te1,lora_te2,lora_te3 trained=lora_te1,lora_te2,lora_te3 || exit 1
+) || FAILED="$FAILED sd3_t5"; fi
 if has sd3_fp8; then (
   train sd3_train_network.py sd3_fp8 bf16 "${SD3[@]}" --output_dir "$WORK/out_sd3" --output_name fp8 "${DIT_ARGS[@]}" \
     --network_weights "$WORK/out_sd3/sara3.safetensors" --fp8_base_unet --network_train_unet_only \
