@@ -361,6 +361,7 @@ class SaraNetwork(nn.Module):
         self.source_metadata: dict[str, str] = {}
         self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64))
         self.calibration_record: dict = {}  # how a gradient selection was calibrated (file metadata)
+        self.targeted_entries: Optional[dict[str, int]] = None  # per block, every target (record_targeted)
         self.register_load_state_dict_post_hook(SaraNetwork._after_load_state_dict)
         self._hook_handles = []
         self._optimizer_owns_us = weakref.WeakKeyDictionary()
@@ -435,6 +436,7 @@ class SaraNetwork(nn.Module):
                     f"(smallest |w| is {smallest:.3g}); threshold={suggestion:.3g} would select about 1% "
                     "of them, or use budget=/density=")
         self.add_targets(targets, indices, bias_indices)
+        self.record_targeted(targets)
         self.base_hash = fileformat.base_fingerprint((m.sara_name, m.base.weight) for m in self.sara_modules())
         if config.selection in GRADIENT_MODES:
             self.start_calibration()
@@ -586,6 +588,7 @@ class SaraNetwork(nn.Module):
             delattr(self, module.sara_name)
         for module in fresh:
             self.add_module(module.sara_name, module)
+        self.record_targeted(targets)
         self.base_hash = fileformat.base_fingerprint((m.sara_name, m.base.weight) for m in self.sara_modules())
         if was_patched:
             self.patch()
@@ -623,18 +626,30 @@ class SaraNetwork(nn.Module):
     def selected_count(self, component: Optional[str] = None) -> int:
         return sum(p.numel() for p in self.trainable_parameters(component))
 
+    def record_targeted(self, targets: Sequence[Target]) -> None:
+        """The targeted entries per block, layers that got no entry included (for log_selection)."""
+        self.targeted_entries = OrderedDict()
+        for target in targets:
+            key = f"{target.component}:{selection.block_of(target.path)}"
+            bias = target.module.bias if self.config.include_bias else None
+            size = target.module.weight.numel() + (0 if bias is None else bias.numel())
+            self.targeted_entries[key] = self.targeted_entries.get(key, 0) + size
+
     def log_selection(self) -> str:
         """Log (and return) the trainable entries, weights and biases, per block and in total, and their
         share of the targeted entries (a layer's bias counts as targeted where biases are trained)."""
-        blocks: dict[str, list[int]] = OrderedDict()
+        targeted = self.targeted_entries or {}
+        blocks: dict[str, list[int]] = OrderedDict((key, [0, total]) for key, total in targeted.items())
         bias_chosen = bias_total = 0
         for module in self.sara_modules():
-            counts = blocks.setdefault(f"{module.component}:{selection.block_of(module.path)}", [0, 0])
+            key = f"{module.component}:{selection.block_of(module.path)}"
+            counts = blocks.setdefault(key, [0, 0])
             biases = 0 if module.bias_delta is None else module.bias_delta.numel()
             bias_targeted = module.bias_delta is not None or (self.config.include_bias and module.base.bias is not None)
             bias_size = module.weight_shape[0] if bias_targeted else 0
             counts[0] += module.indices.numel() + biases
-            counts[1] += math.prod(module.weight_shape) + bias_size
+            if key not in targeted:  # the targets are not known (a network built from a file alone)
+                counts[1] += math.prod(module.weight_shape) + bias_size
             bias_chosen += biases
             bias_total += bias_size
         lines = [f"  {block:<40} {chosen:>12,d} / {total:>13,d} ({chosen / total:.2%})"

@@ -90,6 +90,21 @@ def test_start_up_count_includes_biases(caplog):
     assert sum(int(row[1].replace(",", "")) for row in unet_rows + te_rows) == trainable
 
 
+def test_start_up_count_shares_are_of_every_targeted_layer_also_those_given_no_entry(caplog):
+    m = models.tiny_sd1()
+    with caplog.at_level("INFO", logger="sara_network"):
+        network = make_network(m, {"threshold": "3e-4", "progressive_iter": "off"})
+    report = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("SaRA selection"))
+    layers = [mod for root in (m.unet, m.text_encoders[0]) for mod in root.modules()
+              if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert len(network.sara_modules()) < len(layers)  # some layers got no entry
+    trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    targeted = sum(mod.weight.numel() for mod in layers)
+    assert f"total: {trainable:,d} trainable of {targeted:,d} targeted weights ({trainable / targeted:.3%})" in report
+    rows = [line.split() for line in report.splitlines()[1:-1]]
+    assert sum(int(row[3].replace(",", "")) for row in rows) == targeted
+
+
 def test_optimizer_param_forms_and_learning_rates():
     m = models.tiny_sdxl()
     network = make_network(m, {"density": "0.05", "lr": "auto", "threshold": "1e-3"})
