@@ -633,11 +633,26 @@ if has ratio; then (
   # smaller image shows a larger ratio).
   # Per-step wall time from the trainer's progress bar, step 1 to the last (setup and selection excluded).
   rm -rf "$WORK/out_ratio" || exit 1
+  RES=${RATIO_RESOLUTION:-512}
+  "$PY" - "$WORK/data" "$WORK/data_$RES" "$RES" <<'PYEOF' || exit 1
+import os, shutil, sys
+from PIL import Image
+source, target, size = sys.argv[1], sys.argv[2], int(sys.argv[3])  # the dataset's images scaled to the size
+for folder, _, files in os.walk(source):
+    out = os.path.join(target, os.path.relpath(folder, source))
+    os.makedirs(out, exist_ok=True)
+    for name in files:
+        if name.endswith(".png"):
+            Image.open(os.path.join(folder, name)).convert("RGB").resize((size, size)).save(os.path.join(out, name))
+        else:
+            shutil.copy(os.path.join(folder, name), out)
+PYEOF
   train train_network.py ratio_sara no "${SD1[@]}" --output_dir "$WORK/out_ratio" --output_name sara \
-    --network_args "threshold=2e-3" --max_train_steps "${RATIO_STEPS:-4}" --resolution "${RATIO_RESOLUTION:-512}" || exit 1
+    --network_args "threshold=2e-3" --max_train_steps "${RATIO_STEPS:-4}" --resolution "$RES" \
+    --train_data_dir "$WORK/data_$RES" || exit 1
   train train_network.py ratio_lora no "${SD1[@]}" --output_dir "$WORK/out_ratio" --output_name lora \
     --network_module networks.lora --network_dim 16 --network_alpha 16 --max_train_steps "${RATIO_STEPS:-4}" \
-    --resolution "${RATIO_RESOLUTION:-512}" || exit 1
+    --resolution "$RES" --train_data_dir "$WORK/data_$RES" || exit 1
   "$PY" - "$WORK/logs/ratio_sara.log" "$WORK/logs/ratio_lora.log" <<'PYEOF' || exit 1
 import re, sys
 
