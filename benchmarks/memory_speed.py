@@ -386,6 +386,10 @@ def plan_configs(plan: str, arch: str, batches: list[int]) -> list[dict]:
         for ckpt in (False, True):
             for budget in budgets:
                 configs += [config("sara_norank", budget, "adamw8bit", ckpt, 1), config("lora", budget, "adamw8bit", ckpt, 1)]
+    elif plan == "norank_batch":  # SaRA without the rank term against LoRA at each budget and batch
+        for batch in batches:
+            for budget in budgets:
+                configs += [config(m, budget, "adamw8bit", False, batch) for m in ("sara_norank", "lora")]
     elif plan == "sdxl":  # full FT does not fit (2.57B fp32 weights + grads + states > 23.5 GiB)
         for budget in budgets:
             configs += [config("sara", budget, "adamw8bit", False, 1), config("lora", budget, "adamw8bit", False, 1),
@@ -561,7 +565,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="tiny U-Net, one process per config, seconds")
-    parser.add_argument("--plan", default="priority", help="priority | core | wide | batch | fullfp32 | export | sdxl | gpu")
+    parser.add_argument("--plan", default="priority", help="priority | core | wide | batch | norank | norank_batch | fullfp32 | export | sdxl | gpu")
     parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15",
                         help="U-Net architecture (results go to memory_speed.* or memory_speed_sdxl.*)")
     parser.add_argument("--out", default=str(common.DEFAULT_OUT))
