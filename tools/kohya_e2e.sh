@@ -26,7 +26,8 @@
 #   flux      flux_train_network.py on kohya's Flux (dev width, 1 double + 1 single block), full-size
 #             CLIP-L and T5-XXL (fp8 file): bf16, 2 steps, states; T5-XXL must get no modules
 #   flux_resume, flux_fp8 (--fp8_base_unet + --network_weights), flux_fp8_base (--fp8_base),
-#   flux_swap (--blocks_to_swap 1 on a 2 double + 4 single block model), flux_t5 (train_t5xxl=true)
+#   flux_swap (--blocks_to_swap 1 on a 2 double + 4 single block model), flux_t5 (train_t5xxl=true),
+#   flux_fp8_base_cached (--fp8_base, DiT only, on text-encoder outputs cached to disk by a bf16 run)
 #   sd3       sd3_train_network.py on kohya's MMDiT (SD3.5-medium layout, depth 2), CLIP-L/G, T5-XXL
 #   sd3_resume, sd3_fp8 (--fp8_base_unet + --network_weights), sd3_t5 (train_t5xxl=true)
 #   (FLUX --split_mode is deprecated in this sd-scripts: it only sets --blocks_to_swap 18; no stage.)
@@ -570,6 +571,20 @@ if has flux_fp8; then (
   has_module "$WORK/logs/flux_fp8.log" "Loaded fp8 FLUX model\|Cast FLUX model to fp8" || exit 1
   check "$WORK/out_flux/fp8unet.safetensors" components=unet || exit 1
 ) || FAILED="$FAILED flux_fp8"; fi
+if has flux_fp8_base_cached; then (
+  # --fp8_base past kohya's CPU failure in T5-XXL's fp8 forward: a bf16 run first caches the text
+  # encoders' outputs to disk (in a copy of the dataset), so that the --fp8_base run finds them and
+  # never runs the text encoders; DiT only (the cached outputs fix the text side)
+  rm -rf "$WORK/data_te_cache" && cp -r "$WORK/data" "$WORK/data_te_cache" || exit 1
+  CACHED=(--train_data_dir "$WORK/data_te_cache" --network_train_unet_only --cache_text_encoder_outputs
+          --cache_text_encoder_outputs_to_disk)
+  train flux_train_network.py flux_te_cache bf16 "${FLUX[@]}" "${CACHED[@]}" --output_dir "$WORK/out_flux" \
+    --output_name cachebase "${DIT_ARGS[@]}" --max_train_steps 1 || exit 1
+  ls "$WORK"/data_te_cache/*/*.npz >/dev/null || { echo "FAILED: no text-encoder cache was written"; exit 1; }
+  train flux_train_network.py flux_fp8_base_cached bf16 "${FLUX[@]}" "${CACHED[@]}" --output_dir "$WORK/out_flux" \
+    --output_name fp8base "${DIT_ARGS[@]}" --fp8_base --max_train_steps 1 || exit 1
+  check "$WORK/out_flux/fp8base.safetensors" components=unet || exit 1
+) || FAILED="$FAILED flux_fp8_base_cached"; fi
 if has flux_fp8_base; then (
   # --fp8_base: the DiT and, on kohya's terms, the text encoders in fp8 (T5-XXL file is fp8: loaded as is)
   train flux_train_network.py flux_fp8_base bf16 "${FLUX[@]}" --output_dir "$WORK/out_flux" --output_name fp8base \
