@@ -819,15 +819,16 @@ class SaraNetwork(nn.Module):
             return shape[0], math.prod(shape[1:])
         return None
 
+    def rank_candidates(self) -> list[tuple[SaraModule, tuple[int, int]]]:
+        """The layers the term may act on, with their matrix shapes: min(out, in) > rank_min_dim."""
+        shapes = ((module, self.rank_matrix_shape(module)) for module in self.sara_modules())
+        return [(module, shape) for module, shape in shapes
+                if shape is not None and min(shape) > self.config.rank_min_dim]
+
     def rank_eligible(self) -> list[tuple[SaraModule, tuple[int, int]]]:
-        min_dim = self.config.rank_min_dim
-        eligible = []
-        for module in self.sara_modules():
-            shape = self.rank_matrix_shape(module)
-            if shape is not None and min(shape) > min_dim and module.delta.requires_grad \
-                    and module.delta.grad is not None:  # a layer the step did not train keeps its deltas
-                eligible.append((module, shape))
-        return eligible
+        """The candidates this step trained (a layer the step did not train keeps its deltas)."""
+        return [(module, shape) for module, shape in self.rank_candidates()
+                if module.delta.requires_grad and module.delta.grad is not None]
 
     def rank_layers_this_step(self, eligible: list) -> list:
         """Every eligible layer (rank_layers=all), or `rank_layers` random ones drawn from a generator
@@ -845,9 +846,7 @@ class SaraNetwork(nn.Module):
         period = self.config.rank_refresh
         if period <= 1:
             return None
-        candidates = [(module.sara_name, self.rank_matrix_shape(module)) for module in self.sara_modules()]
-        candidates = tuple((name, shape) for name, shape in candidates
-                           if shape is not None and min(shape) > self.config.rank_min_dim)
+        candidates = tuple((module.sara_name, shape) for module, shape in self.rank_candidates())
         if self._rank_slots is None or self._rank_slots[0] != candidates:
             slots = refresh_slots([polar_cost(shape) for _, shape in candidates], period)
             self._rank_slots = (candidates, {name: slot for (name, _), slot in zip(candidates, slots)})
@@ -885,7 +884,8 @@ class SaraNetwork(nn.Module):
                     self._rank_cache[module.sara_name] = (module.indices, module.indices._version, grad, norm)
             else:
                 grad, norm = cached
-            grad = grad.clone()  # the cache must not alias a gradient the host zeroes or scales in place
+            if due is not None:
+                grad = grad.clone()  # the cache must not alias a gradient the host zeroes or scales in place
             if module.frozen_positions.numel():
                 grad.index_put_((module.frozen_positions,), torch.zeros((), dtype=grad.dtype))
             grad = grad.to(module.delta.dtype)
